@@ -1,0 +1,86 @@
+//! The one narrow trait every recovery space is stored through.
+//!
+//! A backend stores immutable objects under `/`-separated keys: `put` (atomic: the object
+//! appears whole or not at all), `get`, `stat`, `delete` and prefix `list`. Nothing above
+//! this trait may assume a POSIX filesystem: no rename, no append, no directory, no atime.
+//!
+//! Implementations:
+//! - [`ObjectStoreBackend`]: any `object_store` store. The local filesystem (the embedded
+//!   default; temp file, fsync, rename) and memory today; S3 is a configuration of it.
+//! - [`FaultBackend`]: a decorator that fails chosen calls, for tests.
+
+mod fault;
+mod object;
+
+use std::fmt;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub use fault::{FaultBackend, FaultRule, Op, RequestCounts};
+pub use object::ObjectStoreBackend;
+
+/// Metadata of one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// How a `put` treats an existing object at the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace it (atomically).
+    Overwrite,
+    /// Fail with [`BackendError::AlreadyExists`] if it exists.
+    CreateNew,
+}
+
+/// A failed backend call. The message names the object and, where it can, the cause in
+/// an operator's words.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{key}: not found")]
+    NotFound { key: String },
+    #[error("{key}: already exists")]
+    AlreadyExists { key: String },
+    #[error("recovery space storage is full (no space left on device) while writing {key}")]
+    NoSpace { key: String },
+    #[error("permission denied on {key}: {detail}")]
+    PermissionDenied { key: String, detail: String },
+    #[error("recovery space unreachable or failing at {key}: {detail}")]
+    Io {
+        key: String,
+        detail: String,
+        retryable: bool,
+    },
+}
+
+impl BackendError {
+    /// Whether the same call may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Io {
+                retryable: true,
+                ..
+            }
+        )
+    }
+}
+
+/// A store of immutable objects. See the module documentation.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Where this backend stores, for messages (`file:///srv/space`, `memory:`).
+    fn describe(&self) -> String;
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), BackendError>;
+    /// Deletes an object; deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> Result<(), BackendError>;
+    async fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, BackendError>;
+    /// Every object whose key starts with `prefix` (which ends with `/` or is empty), in
+    /// no particular order.
+    fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, BackendError>>;
+}

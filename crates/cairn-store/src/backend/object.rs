@@ -1,0 +1,178 @@
+//! [`Backend`] over any `object_store` store.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
+
+use super::{Backend, BackendError, ObjectInfo, PutMode};
+
+/// A recovery space stored in an `object_store` store.
+#[derive(Debug, Clone)]
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    describe: String,
+}
+
+impl ObjectStoreBackend {
+    /// Wraps any store; `describe` names it in messages.
+    pub fn new(store: Arc<dyn ObjectStore>, describe: impl Into<String>) -> Self {
+        ObjectStoreBackend {
+            store,
+            describe: describe.into(),
+        }
+    }
+
+    /// A space in a local folder, which must exist. Writes go to a temp file that is
+    /// fsynced and renamed into place, and the directory is fsynced.
+    pub fn local(root: &FsPath) -> Result<Self, BackendError> {
+        let store = object_store::local::LocalFileSystem::new_with_prefix(root)
+            .map_err(|e| map_error(&root.display().to_string(), e))?
+            .with_fsync(true);
+        Ok(Self::new(
+            Arc::new(store),
+            format!("file://{}", root.display()),
+        ))
+    }
+
+    /// A space in memory (tests, benchmarks of the pipeline alone).
+    pub fn memory() -> Self {
+        Self::new(Arc::new(object_store::memory::InMemory::new()), "memory:")
+    }
+}
+
+fn path(key: &str) -> Path {
+    Path::from(key)
+}
+
+/// Maps an `object_store` error to a [`BackendError`], digging the I/O cause out of the
+/// error chain so that a full disk or a permission problem is named as such.
+pub(crate) fn map_error(key: &str, e: object_store::Error) -> BackendError {
+    match e {
+        object_store::Error::NotFound { .. } => BackendError::NotFound {
+            key: key.to_string(),
+        },
+        object_store::Error::AlreadyExists { .. } => BackendError::AlreadyExists {
+            key: key.to_string(),
+        },
+        other => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&other);
+            while let Some(err) = source {
+                if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                    return map_io(key, io);
+                }
+                source = err.source();
+            }
+            BackendError::Io {
+                key: key.to_string(),
+                detail: other.to_string(),
+                retryable: true,
+            }
+        }
+    }
+}
+
+fn map_io(key: &str, io: &std::io::Error) -> BackendError {
+    use std::io::ErrorKind;
+    match io.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => BackendError::NoSpace {
+            key: key.to_string(),
+        },
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+            BackendError::PermissionDenied {
+                key: key.to_string(),
+                detail: io.to_string(),
+            }
+        }
+        ErrorKind::NotFound => BackendError::NotFound {
+            key: key.to_string(),
+        },
+        _ => BackendError::Io {
+            key: key.to_string(),
+            detail: io.to_string(),
+            retryable: matches!(
+                io.kind(),
+                ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock
+            ),
+        },
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for ObjectStoreBackend {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let res = self
+            .store
+            .get(&path(key))
+            .await
+            .map_err(|e| map_error(key, e))?;
+        res.bytes().await.map_err(|e| map_error(key, e))
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), BackendError> {
+        let opts = PutOptions {
+            mode: match mode {
+                PutMode::Overwrite => object_store::PutMode::Overwrite,
+                PutMode::CreateNew => object_store::PutMode::Create,
+            },
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&path(key), PutPayload::from_bytes(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(key, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        match self.store.delete(&path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_error(key, e)),
+        }
+    }
+
+    async fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, BackendError> {
+        match self.store.head(&path(key)).await {
+            Ok(meta) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: meta.size,
+                last_modified: meta.last_modified,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_error(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, BackendError>> {
+        let owned = prefix.to_string();
+        let p = prefix.trim_end_matches('/');
+        let stream = if p.is_empty() {
+            self.store.list(None)
+        } else {
+            self.store.list(Some(&path(p)))
+        };
+        stream
+            .map(move |r| match r {
+                Ok(meta) => Ok(ObjectInfo {
+                    key: meta.location.to_string(),
+                    size: meta.size,
+                    last_modified: meta.last_modified,
+                }),
+                // A folder that does not exist yet lists as empty.
+                Err(object_store::Error::NotFound { .. }) => {
+                    Err(BackendError::NotFound { key: owned.clone() })
+                }
+                Err(e) => Err(map_error(&owned, e)),
+            })
+            .filter(|r| futures::future::ready(!matches!(r, Err(BackendError::NotFound { .. }))))
+            .boxed()
+    }
+}

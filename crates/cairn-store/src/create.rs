@@ -1,0 +1,348 @@
+//! Creating a recovery point from disk images.
+//!
+//! Each disk is cut into fixed-size chunks and every chunk goes through
+//! read → zero check → hash → (parent / known / exists?) → compress → put. Up to
+//! `concurrency` chunks are in flight at once (that bound is the back-pressure: memory is
+//! at most about `concurrency` × 2 chunks); reading, hashing and compressing run on the
+//! blocking pool, one chunk per thread, so every core is busy; puts run concurrently.
+//!
+//! A chunk costs nothing more than a read and a hash when:
+//! - it is a hole of a sparse image (not even read) or all zeros (a marker in the index);
+//! - its id equals the parent's id at the same position, or any id of the parent point,
+//!   or one already handled in this operation (no existence check, no write).
+//! Otherwise one `stat` tells whether another point already stored it (deduplication);
+//! only chunks new to the space are compressed and written.
+//!
+//! The disk indexes are written after all their chunks, and the record last of all, so a
+//! crash leaves at worst unreferenced chunks and indexes for garbage collection.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_format::chunk::ChunkCodec;
+use cairn_format::id::{ChunkId, PointId};
+use cairn_format::index::{DiskIndex, chunk_count};
+use cairn_format::layout;
+use cairn_format::record::{DiskRecord, PointRecord, PointStats, RECORD_VERSION};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::backend::{Backend, BackendError, PutMode};
+use crate::error::SpaceError;
+use crate::image::{BufferPool, Image};
+use crate::lock;
+use crate::progress::Progress;
+use crate::space::Space;
+
+/// One disk to take into a point.
+#[derive(Debug, Clone)]
+pub struct DiskSource {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Which earlier point a new point is incremental to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentChoice {
+    /// A full point (still deduplicated against the whole space).
+    None,
+    /// The newest point of the space, if any.
+    Latest,
+    Id(PointId),
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub disks: Vec<DiskSource>,
+    pub parent: ParentChoice,
+    pub server: Option<String>,
+    pub trigger: String,
+    pub operator: String,
+    /// Chunks in flight at once.
+    pub concurrency: usize,
+    /// How long to wait for a running garbage collection's delete phase.
+    pub lease_wait: Duration,
+}
+
+impl CreateOptions {
+    pub fn new(disks: Vec<DiskSource>) -> Self {
+        CreateOptions {
+            disks,
+            parent: ParentChoice::None,
+            server: None,
+            trigger: "cli".into(),
+            operator: default_operator(),
+            concurrency: default_concurrency(),
+            lease_wait: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The operator recorded when none is given: the login name.
+pub fn default_operator() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Chunks in flight by default: enough to keep every core and the storage busy.
+pub fn default_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2 + 2
+}
+
+thread_local! {
+    static CODEC: RefCell<Option<ChunkCodec>> = const { RefCell::new(None) };
+}
+
+/// Seals a chunk with this thread's reusable compression context.
+pub(crate) fn seal(level: i32, plain: &[u8]) -> std::io::Result<Vec<u8>> {
+    CODEC.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|codec| codec.level() != level) {
+            *c = Some(ChunkCodec::new(level)?);
+        }
+        c.as_mut().expect("codec set").seal(plain)
+    })
+}
+
+/// State shared by every chunk of one point creation.
+struct Writer {
+    backend: Arc<dyn Backend>,
+    level: i32,
+    pool: Arc<BufferPool>,
+    /// Chunks known to be in the space: the parent's, and those handled so far.
+    known: Mutex<HashSet<ChunkId>>,
+}
+
+enum Outcome {
+    Zero,
+    Reused,
+    New { plain: u64, stored: u64 },
+}
+
+impl Writer {
+    async fn chunk(
+        &self,
+        image: &Image,
+        start: u64,
+        end: u64,
+        parent: Option<ChunkId>,
+    ) -> Result<(ChunkId, Outcome, u64), SpaceError> {
+        let len = usize::try_from(end - start).expect("chunk fits in memory");
+        let img = image.clone();
+        let pool = self.pool.clone();
+        let (id, buf, read) = tokio::task::spawn_blocking(move || {
+            if !img.may_have_data(start, end) {
+                return Ok((ChunkId::ZERO, None, 0));
+            }
+            let mut buf = pool.take(len);
+            img.read_at(&mut buf, start)?;
+            if cairn_format::zero::is_zero(&buf) {
+                pool.give(buf);
+                return Ok((ChunkId::ZERO, None, len as u64));
+            }
+            let id = ChunkId::of(&buf);
+            Ok::<_, SpaceError>((id, Some(buf), len as u64))
+        })
+        .await??;
+        let Some(buf) = buf else {
+            return Ok((id, Outcome::Zero, read));
+        };
+        if parent == Some(id) || self.known.lock().expect("poisoned").contains(&id) {
+            self.pool.give(buf);
+            return Ok((id, Outcome::Reused, read));
+        }
+        let key = layout::chunk_key(&id);
+        if self.backend.stat(&key).await?.is_some() {
+            self.pool.give(buf);
+            self.known.lock().expect("poisoned").insert(id);
+            return Ok((id, Outcome::Reused, read));
+        }
+        let level = self.level;
+        let pool = self.pool.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            let sealed = seal(level, &buf);
+            pool.give(buf);
+            sealed
+        })
+        .await?
+        .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
+        let stored = sealed.len() as u64;
+        let outcome = match self
+            .backend
+            .put(&key, Bytes::from(sealed), PutMode::CreateNew)
+            .await
+        {
+            Ok(()) => Outcome::New {
+                plain: len as u64,
+                stored,
+            },
+            // Written meanwhile by a concurrent task or writer: same content.
+            Err(BackendError::AlreadyExists { .. }) => Outcome::Reused,
+            Err(e) => return Err(e.into()),
+        };
+        self.known.lock().expect("poisoned").insert(id);
+        Ok((id, outcome, read))
+    }
+}
+
+/// Creates a recovery point of the given images. See the module documentation.
+pub async fn create_point(
+    space: &Space,
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+) -> Result<PointRecord, SpaceError> {
+    // Check everything that can be checked before taking a lease or writing anything.
+    let mut seen = HashSet::new();
+    let mut images = Vec::with_capacity(opts.disks.len());
+    for d in &opts.disks {
+        cairn_format::name::validate("disk", &d.name)?;
+        if !seen.insert(d.name.clone()) {
+            return Err(SpaceError::DuplicateDisk(d.name.clone()));
+        }
+        images.push(Image::open_read(&d.path)?);
+    }
+    if let Some(server) = &opts.server {
+        cairn_format::name::validate("server", server)?;
+    }
+    let parent = match &opts.parent {
+        ParentChoice::None => None,
+        ParentChoice::Latest => match space.point_ids().await?.last() {
+            Some(id) => Some(space.load_point(id).await?),
+            None => None,
+        },
+        ParentChoice::Id(id) => Some(space.load_point(id).await?),
+    };
+
+    let lease = lock::acquire_writer(space.backend(), "point create", opts.lease_wait).await?;
+    let result = write_point(space, opts, &images, parent.as_ref(), progress).await;
+    let released = lease.release().await;
+    let record = result?;
+    released?;
+    Ok(record)
+}
+
+async fn write_point(
+    space: &Space,
+    opts: &CreateOptions,
+    images: &[Image],
+    parent: Option<&PointRecord>,
+    progress: &dyn Progress,
+) -> Result<PointRecord, SpaceError> {
+    let started = Instant::now();
+    let snapshot_at = chrono::Utc::now();
+    let id = cairn_format::id::new_point_id();
+    let chunk_size = space.config().chunk_size;
+    let concurrency = opts.concurrency.max(1);
+
+    // The parent's indexes: per-position comparison, and every id it references.
+    let mut parent_indexes = Vec::new();
+    let mut known = HashSet::new();
+    if let Some(p) = parent {
+        for d in &p.disks {
+            let index = space.load_index(p, d).await?;
+            known.extend(index.chunks.iter().copied().filter(|c| !c.is_zero()));
+            parent_indexes.push((d.name.clone(), index));
+        }
+    }
+    let writer = Writer {
+        backend: space.backend().clone(),
+        level: space.config().compression_level,
+        pool: BufferPool::new(chunk_size as usize, concurrency),
+        known: Mutex::new(known),
+    };
+
+    let total: u64 = images.iter().map(|i| i.size).sum();
+    progress.start("point create", total);
+    let mut disks = Vec::with_capacity(images.len());
+    let mut stats = PointStats::default();
+    for (source, image) in opts.disks.iter().zip(images) {
+        let parent_index = parent_indexes
+            .iter()
+            .find(|(name, idx)| *name == source.name && idx.chunk_size == chunk_size)
+            .map(|(_, idx)| idx);
+        let n = chunk_count(image.size, chunk_size);
+        let mut ids = vec![ChunkId::ZERO; usize::try_from(n).expect("chunk count fits")];
+        let mut dstats = PointStats {
+            bytes_total: image.size,
+            chunks_total: n,
+            ..PointStats::default()
+        };
+        let writer = &writer;
+        let mut results = futures::stream::iter(0..n)
+            .map(|i| async move {
+                let start = i * u64::from(chunk_size);
+                let end = (start + u64::from(chunk_size)).min(image.size);
+                let parent_id =
+                    parent_index.and_then(|p| p.chunks.get(usize::try_from(i).ok()?).copied());
+                let (cid, outcome, read) = writer.chunk(image, start, end, parent_id).await?;
+                Ok::<_, SpaceError>((i, cid, outcome, read, end - start))
+            })
+            .buffer_unordered(concurrency);
+        while let Some((i, cid, outcome, read, len)) = results.try_next().await? {
+            ids[usize::try_from(i).expect("index fits")] = cid;
+            dstats.bytes_read += read;
+            match outcome {
+                Outcome::Zero => dstats.chunks_zero += 1,
+                Outcome::Reused => dstats.chunks_reused += 1,
+                Outcome::New { plain, stored } => {
+                    dstats.chunks_new += 1;
+                    dstats.bytes_new += plain;
+                    dstats.bytes_written += stored;
+                }
+            }
+            progress.advance(len);
+        }
+        drop(results);
+        let index = DiskIndex {
+            disk_size: image.size,
+            chunk_size,
+            chunks: ids,
+        };
+        let encoded = index.encode();
+        let checksum = DiskIndex::checksum_of(&encoded);
+        let key = layout::index_key(&id, &source.name);
+        space
+            .backend()
+            .put(&key, Bytes::from(encoded), PutMode::Overwrite)
+            .await?;
+        stats.add(&dstats);
+        disks.push(DiskRecord {
+            name: source.name.clone(),
+            size: image.size,
+            source: image.path.display().to_string(),
+            index: key,
+            index_checksum: checksum,
+            stats: dstats,
+        });
+    }
+    progress.finish();
+
+    let record = PointRecord {
+        version: RECORD_VERSION,
+        id,
+        server: opts.server.clone(),
+        snapshot_at,
+        completed_at: chrono::Utc::now(),
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        trigger: opts.trigger.clone(),
+        operator: opts.operator.clone(),
+        parent: parent.map(|p| p.id),
+        chunk_size,
+        disks,
+        stats,
+    };
+    // The commit: the point exists from here on.
+    space
+        .backend()
+        .put(
+            &layout::record_key(&id),
+            Bytes::from(record.encode()),
+            PutMode::CreateNew,
+        )
+        .await?;
+    Ok(record)
+}

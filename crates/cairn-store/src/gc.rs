@@ -1,0 +1,285 @@
+//! Deleting recovery points, and garbage collection of what no point references.
+//!
+//! Deleting a point removes its record first (the point is gone at that instant), then its
+//! indexes. Chunks are shared between points, so they are left for garbage collection:
+//! deleting an old point never touches what a newer one references.
+//!
+//! Garbage collection is mark and sweep, without atime (object stores have none) and
+//! without stopping writers:
+//! 1. *Mark*: read every record and index, and collect the ids they reference. To bound
+//!    memory, ids are split by their first byte into passes of at most `max_ids_per_pass`
+//!    referenced ids each; each pass re-reads the indexes and keeps only its own shards.
+//! 2. *List*: list the pass's chunk shards; an unreferenced chunk is a candidate only if
+//!    it is older than the grace period (a writer's fresh chunks are never candidates).
+//! 3. *Sweep*: take the GC lease (only when no writer holds a lease; see `lock`), read the
+//!    records that appeared since the mark and drop every chunk they reference from the
+//!    candidates, delete the rest, release the lease.
+//!
+//! Every step is idempotent, so an interrupted GC is resumed by running it again.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use cairn_format::id::{ChunkId, PointId};
+use cairn_format::layout;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::error::SpaceError;
+use crate::lock;
+use crate::progress::Progress;
+use crate::retention::{PrunePlan, RetentionPolicy};
+use crate::space::{METADATA_CONCURRENCY, Space};
+
+/// Deletes points (records first, then their indexes). Returns the ids deleted.
+pub async fn delete_points(space: &Space, ids: &[PointId]) -> Result<Vec<PointId>, SpaceError> {
+    for id in ids {
+        if space
+            .backend()
+            .stat(&layout::record_key(id))
+            .await?
+            .is_none()
+        {
+            return Err(SpaceError::PointNotFound(id.to_string()));
+        }
+    }
+    for id in ids {
+        space.backend().delete(&layout::record_key(id)).await?;
+        delete_prefix(space, &layout::index_prefix(id)).await?;
+    }
+    Ok(ids.to_vec())
+}
+
+async fn delete_prefix(space: &Space, prefix: &str) -> Result<u64, SpaceError> {
+    let keys: Vec<String> = space
+        .backend()
+        .list(prefix)
+        .map_ok(|o| o.key)
+        .try_collect()
+        .await?;
+    for k in &keys {
+        space.backend().delete(k).await?;
+    }
+    Ok(keys.len() as u64)
+}
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Unreferenced chunks younger than this are kept.
+    pub grace: Duration,
+    /// Referenced ids held in memory at once (32 bytes each, plus set overhead).
+    pub max_ids_per_pass: usize,
+    /// How long the sweep waits for running writers.
+    pub lease_wait: Duration,
+    /// Compute and report, delete nothing.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            grace: Duration::from_secs(3600),
+            max_ids_per_pass: 4 << 20,
+            lease_wait: Duration::from_secs(3600),
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    pub points: usize,
+    pub passes: usize,
+    pub chunks_seen: u64,
+    pub chunks_referenced: u64,
+    /// Unreferenced chunks kept because they are younger than the grace period.
+    pub chunks_in_grace: u64,
+    pub chunks_deleted: u64,
+    pub bytes_freed: u64,
+    pub indexes_deleted: u64,
+    pub leases_removed: usize,
+    pub dry_run: bool,
+}
+
+/// Collects every id referenced by `ids`' indexes whose shard is in `shards`.
+async fn mark(
+    space: &Space,
+    ids: &[PointId],
+    shards: &std::ops::RangeInclusive<u8>,
+    into: &mut HashSet<ChunkId>,
+) -> Result<(), SpaceError> {
+    let mut records = futures::stream::iter(ids.iter().copied())
+        .map(|id| async move {
+            match space.load_point(&id).await {
+                Err(SpaceError::PointNotFound(_)) => Ok(None),
+                other => other.map(Some),
+            }
+        })
+        .buffered(METADATA_CONCURRENCY);
+    while let Some(record) = records.try_next().await? {
+        let Some(record) = record else { continue };
+        for d in &record.disks {
+            // A damaged index stops GC: without it, nothing can be known unreferenced.
+            let index = space.load_index(&record, d).await?;
+            into.extend(
+                index
+                    .chunks
+                    .iter()
+                    .filter(|c| !c.is_zero() && shards.contains(&c.shard())),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs garbage collection. See the module documentation.
+pub async fn gc(
+    space: &Space,
+    opts: &GcOptions,
+    progress: &dyn Progress,
+) -> Result<GcReport, SpaceError> {
+    let mut report = GcReport {
+        dry_run: opts.dry_run,
+        ..GcReport::default()
+    };
+    let ids0 = space.point_ids().await?;
+    report.points = ids0.len();
+    // Upper bound of referenced ids: every chunk of every disk of every point.
+    let mut estimate: u64 = 0;
+    for id in &ids0 {
+        if let Ok(r) = space.load_point(id).await {
+            estimate += r.stats.chunks_total;
+        }
+    }
+    let passes = usize::try_from(estimate.div_ceil(opts.max_ids_per_pass.max(1) as u64))
+        .unwrap_or(256)
+        .clamp(1, 256);
+    report.passes = passes;
+    progress.start("gc", 256);
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
+    for pass in 0..passes {
+        let lo = u8::try_from(pass * 256 / passes).expect("shard");
+        let hi = u8::try_from((pass + 1) * 256 / passes - 1).expect("shard");
+        let shards = lo..=hi;
+        let mut referenced = HashSet::new();
+        mark(space, &ids0, &shards, &mut referenced).await?;
+        report.chunks_referenced += referenced.len() as u64;
+
+        let mut candidates: Vec<(ChunkId, u64)> = Vec::new();
+        for shard in shards.clone() {
+            let mut listing = space.backend().list(&layout::chunk_shard_prefix(shard));
+            while let Some(o) = listing.try_next().await? {
+                let Some(id) = layout::parse_chunk_key(&o.key) else {
+                    continue;
+                };
+                report.chunks_seen += 1;
+                if referenced.contains(&id) {
+                    continue;
+                }
+                if o.last_modified < cutoff {
+                    candidates.push((id, o.size));
+                } else {
+                    report.chunks_in_grace += 1;
+                }
+            }
+            progress.advance(1);
+        }
+        drop(referenced);
+        if candidates.is_empty() || opts.dry_run {
+            report.chunks_deleted += candidates.len() as u64;
+            report.bytes_freed += candidates.iter().map(|c| c.1).sum::<u64>();
+            continue;
+        }
+        let lease = lock::acquire_gc(space.backend(), opts.lease_wait).await?;
+        let swept = sweep(space, &ids0, &shards, candidates).await;
+        let released = lease.release().await;
+        let (n, bytes) = swept?;
+        released?;
+        report.chunks_deleted += n;
+        report.bytes_freed += bytes;
+    }
+    progress.finish();
+    if !opts.dry_run {
+        report.indexes_deleted = remove_orphan_indexes(space, opts).await?;
+        report.leases_removed = lock::remove_stale(space.backend()).await?;
+    }
+    Ok(report)
+}
+
+/// Under the GC lease: spare what points committed since the mark reference, delete
+/// the rest.
+async fn sweep(
+    space: &Space,
+    ids0: &[PointId],
+    shards: &std::ops::RangeInclusive<u8>,
+    mut candidates: Vec<(ChunkId, u64)>,
+) -> Result<(u64, u64), SpaceError> {
+    let before: HashSet<PointId> = ids0.iter().copied().collect();
+    let new_ids: Vec<PointId> = space
+        .point_ids()
+        .await?
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    if !new_ids.is_empty() {
+        let mut spared = HashSet::new();
+        mark(space, &new_ids, shards, &mut spared).await?;
+        candidates.retain(|(id, _)| !spared.contains(id));
+    }
+    let backend = space.backend().clone();
+    let deleted: Vec<u64> = futures::stream::iter(candidates)
+        .map(|(id, size)| {
+            let backend = backend.clone();
+            async move {
+                backend.delete(&layout::chunk_key(&id)).await?;
+                Ok::<_, SpaceError>(size)
+            }
+        })
+        .buffer_unordered(METADATA_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok((deleted.len() as u64, deleted.iter().sum()))
+}
+
+/// Deletes indexes left by a writer that died before its record (older than the grace
+/// period, and with no record).
+async fn remove_orphan_indexes(space: &Space, opts: &GcOptions) -> Result<u64, SpaceError> {
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
+    let points: HashSet<PointId> = space.point_ids().await?.into_iter().collect();
+    let listing: Vec<_> = space
+        .backend()
+        .list(layout::INDEXES_PREFIX)
+        .try_collect()
+        .await?;
+    let mut deleted = 0;
+    for o in listing {
+        let Some((point, _)) = layout::parse_index_key(&o.key) else {
+            continue;
+        };
+        if !points.contains(&point) && o.last_modified < cutoff {
+            // Re-check: the record may have been committed since the listing.
+            if space
+                .backend()
+                .stat(&layout::record_key(&point))
+                .await?
+                .is_none()
+            {
+                space.backend().delete(&o.key).await?;
+                deleted += 1;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Computes the retention plan of a space.
+pub async fn prune_plan(space: &Space, policy: &RetentionPolicy) -> Result<PrunePlan, SpaceError> {
+    let points: Vec<_> = space
+        .list_points()
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r.snapshot_at))
+        .collect();
+    crate::retention::plan(&points, policy)
+}

@@ -1,0 +1,201 @@
+//! Retention: which recovery points a `--keep-*` policy keeps, as a plan computed before
+//! anything is deleted. Pure logic, no I/O.
+//!
+//! Rules (those of restic and borg, which operators know):
+//! - the newest point is always kept;
+//! - `keep_last N` keeps the N newest points;
+//! - `keep_hourly/daily/weekly/monthly N` keep the newest point of each of the N newest
+//!   hours/days/ISO weeks/months (UTC) that have a point;
+//! - `keep_within D` keeps every point taken within D of the newest point (not of "now":
+//!   if replication stops, retention never eats the last good points).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+
+use cairn_format::id::PointId;
+
+use crate::error::SpaceError;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetentionPolicy {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    #[serde(with = "humantime_serde_opt", default)]
+    pub keep_within: Option<Duration>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let v: Option<u64> = serde::Deserialize::deserialize(d)?;
+        Ok(v.map(Duration::from_secs))
+    }
+}
+
+impl RetentionPolicy {
+    pub fn is_empty(&self) -> bool {
+        *self == RetentionPolicy::default()
+    }
+}
+
+/// One point of a plan, with why it is kept.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlannedPoint {
+    pub id: PointId,
+    pub snapshot_at: DateTime<Utc>,
+    pub reasons: Vec<String>,
+}
+
+/// What a retention policy keeps and removes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrunePlan {
+    pub keep: Vec<PlannedPoint>,
+    pub remove: Vec<PlannedPoint>,
+}
+
+type Bucket = fn(&DateTime<Utc>) -> (i32, u32, u32, u32);
+
+/// Computes the plan for points given as (id, snapshot instant).
+pub fn plan(
+    points: &[(PointId, DateTime<Utc>)],
+    policy: &RetentionPolicy,
+) -> Result<PrunePlan, SpaceError> {
+    if policy.is_empty() {
+        return Err(SpaceError::EmptyRetention);
+    }
+    let mut sorted: Vec<(PointId, DateTime<Utc>)> = points.to_vec();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    let mut reasons: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    if sorted.is_empty() {
+        return Ok(PrunePlan::default());
+    }
+    reasons.entry(0).or_default().push("newest".into());
+    if let Some(n) = policy.keep_last {
+        for i in 0..sorted.len().min(n as usize) {
+            reasons.entry(i).or_default().push("last".into());
+        }
+    }
+    let buckets: [(&str, Option<u32>, Bucket); 4] = [
+        ("hourly", policy.keep_hourly, |t| {
+            (t.year(), t.month(), t.day(), t.hour())
+        }),
+        ("daily", policy.keep_daily, |t| {
+            (t.year(), t.month(), t.day(), 0)
+        }),
+        ("weekly", policy.keep_weekly, |t| {
+            let w = t.iso_week();
+            (w.year(), w.week(), 0, 0)
+        }),
+        ("monthly", policy.keep_monthly, |t| {
+            (t.year(), t.month(), 0, 0)
+        }),
+    ];
+    for (name, count, bucket) in buckets {
+        let Some(count) = count else { continue };
+        let mut last = None;
+        let mut kept = 0;
+        for (i, (_, t)) in sorted.iter().enumerate() {
+            if kept >= count {
+                break;
+            }
+            let b = bucket(t);
+            if last != Some(b) {
+                last = Some(b);
+                kept += 1;
+                reasons.entry(i).or_default().push(name.into());
+            }
+        }
+    }
+    if let Some(within) = policy.keep_within {
+        let newest = sorted[0].1;
+        let cutoff = newest - chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX);
+        for (i, (_, t)) in sorted.iter().enumerate() {
+            if *t >= cutoff {
+                reasons.entry(i).or_default().push("within".into());
+            }
+        }
+    }
+    let mut out = PrunePlan::default();
+    for (i, (id, t)) in sorted.into_iter().enumerate() {
+        let p = PlannedPoint {
+            id,
+            snapshot_at: t,
+            reasons: reasons.remove(&i).unwrap_or_default(),
+        };
+        if p.reasons.is_empty() {
+            out.remove.push(p);
+        } else {
+            out.keep.push(p);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(d: u32, h: u32) -> (PointId, DateTime<Utc>) {
+        let t = Utc.with_ymd_and_hms(2026, 3, d, h, 0, 0).unwrap();
+        (uuid::Uuid::now_v7(), t)
+    }
+
+    #[test]
+    fn empty_policy_is_refused() {
+        assert!(matches!(
+            plan(&[at(1, 1)], &RetentionPolicy::default()),
+            Err(SpaceError::EmptyRetention)
+        ));
+    }
+
+    #[test]
+    fn keeps_newest_and_last_and_daily() {
+        let pts: Vec<_> = (1..=5).flat_map(|d| [at(d, 1), at(d, 13)]).collect();
+        let p = plan(
+            &pts,
+            &RetentionPolicy {
+                keep_last: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.keep.len(), 1);
+        assert_eq!(p.remove.len(), 9);
+        let p = plan(
+            &pts,
+            &RetentionPolicy {
+                keep_daily: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let kept: Vec<_> = p.keep.iter().map(|k| k.snapshot_at).collect();
+        assert_eq!(kept, vec![pts[9].1, pts[7].1, pts[5].1]);
+        let p = plan(
+            &pts,
+            &RetentionPolicy {
+                keep_within: Some(Duration::from_secs(36 * 3600)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // day 5 13:00 and 01:00, day 4 13:00, and day 4 01:00 (exactly 36 h older)
+        assert_eq!(p.keep.len(), 4);
+    }
+}

@@ -1,0 +1,741 @@
+//! The command line: clap definitions, and one thin handler per command that calls the
+//! library and prints its report (a table for people, JSON with `--json`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytesize::ByteSize;
+use cairn_format::config::SpaceConfig;
+use cairn_format::record::PointRecord;
+use cairn_store::create::{CreateOptions, DiskSource, ParentChoice};
+use cairn_store::gc::GcOptions;
+use cairn_store::restore::RestoreOptions;
+use cairn_store::retention::RetentionPolicy;
+use cairn_store::{Space, space::open_location};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Table, presets::NOTHING};
+
+use crate::progress::Bar;
+
+/// Cairn: disaster recovery for virtual-machine disks.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Recovery spaces: create, inspect, collect garbage, apply retention.
+    #[command(subcommand)]
+    Space(SpaceCommand),
+    /// Recovery points: create, list, show, restore, roll back, verify, delete.
+    #[command(subcommand)]
+    Point(PointCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SpaceCommand {
+    /// Create a recovery space in a folder (created if missing).
+    Init {
+        space: String,
+        /// Chunk size: a power of two from 64KiB to 16MiB.
+        #[arg(long, default_value = "4MiB")]
+        chunk_size: ByteSize,
+        /// zstd compression level, 1 (fastest) to 19.
+        #[arg(long, default_value_t = cairn_format::config::DEFAULT_COMPRESSION_LEVEL)]
+        compression_level: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a space's config and contents.
+    Info {
+        space: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete chunks no recovery point references (mark and sweep).
+    Gc {
+        space: String,
+        #[command(flatten)]
+        gc: GcArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a retention policy: print the plan, then delete what it removes.
+    Prune {
+        space: String,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not collect garbage after deleting points.
+        #[arg(long)]
+        no_gc: bool,
+        #[command(flatten)]
+        gc: GcArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct GcArgs {
+    /// Unreferenced chunks younger than this are kept (protects running writers).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Referenced chunk ids held in memory per pass (bounds memory; more passes if less).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_ids_per_pass: usize,
+}
+
+#[derive(Debug, Args)]
+struct KeepArgs {
+    /// Keep the N newest points.
+    #[arg(long)]
+    keep_last: Option<u32>,
+    /// Keep the newest point of each of the N newest hours (UTC).
+    #[arg(long)]
+    keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the N newest days (UTC).
+    #[arg(long)]
+    keep_daily: Option<u32>,
+    /// Keep the newest point of each of the N newest ISO weeks.
+    #[arg(long)]
+    keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the N newest months.
+    #[arg(long)]
+    keep_monthly: Option<u32>,
+    /// Keep every point within this long of the newest (e.g. 7d, 36h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    keep_within: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PointCommand {
+    /// Take a recovery point of one or more disk images (one disk each).
+    Create {
+        space: String,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Disk names, in the order of the images (default: each image's file name).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Incremental to this point: `latest` or a point id.
+        #[arg(long)]
+        parent: Option<String>,
+        /// The server these disks belong to.
+        #[arg(long)]
+        server: Option<String>,
+        /// Recorded as who took the point (default: the login name).
+        #[arg(long)]
+        operator: Option<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// List recovery points, oldest first.
+    List {
+        space: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one recovery point.
+    Show {
+        space: String,
+        /// Point id, unique id prefix, or `latest`.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a disk of a recovery point out to a file or block device.
+    Restore {
+        space: String,
+        id: String,
+        target: PathBuf,
+        /// Which disk (needed when the point has several).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Overwrite an existing target.
+        #[arg(long)]
+        force: bool,
+        /// Skip the final fsync of the target.
+        #[arg(long)]
+        no_sync: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Make an existing image equal to a recovery point, rewriting only what differs.
+    Rollback {
+        space: String,
+        id: String,
+        image: PathBuf,
+        #[arg(long)]
+        disk: Option<String>,
+        /// Really do it (irreversible). Without it, only say what would be rewritten.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Read back every chunk of the points (all by default) and check it.
+    Verify {
+        space: String,
+        ids: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Delete recovery points (their chunks go at the next gc).
+    Delete {
+        space: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Chunks in flight at once (default: 2 per core + 2).
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+impl RunArgs {
+    fn concurrency(&self) -> usize {
+        self.concurrency
+            .unwrap_or_else(cairn_store::create::default_concurrency)
+    }
+    fn bar(&self) -> Bar {
+        Bar::new(self.quiet || self.json)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Space(c) => space_command(c).await,
+        Command::Point(c) => point_command(c).await,
+    }
+}
+
+async fn open(space: &str) -> Result<Space> {
+    let backend = open_location(space, false)?;
+    Ok(Space::open(backend).await?)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn size(n: u64) -> String {
+    ByteSize(n).display().iec().to_string()
+}
+
+fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(NOTHING).set_header(header.to_vec());
+    t
+}
+
+async fn space_command(c: SpaceCommand) -> Result<ExitCode> {
+    match c {
+        SpaceCommand::Init {
+            space,
+            chunk_size,
+            compression_level,
+            json,
+        } => {
+            let config = SpaceConfig::new(chunk_size.as_u64(), compression_level)?;
+            let backend = open_location(&space, true)?;
+            let s = Space::init(backend, config).await?;
+            if json {
+                print_json(s.config())?;
+            } else {
+                println!(
+                    "created recovery space {} (chunk size {}, zstd level {})",
+                    s.describe(),
+                    size(u64::from(s.config().chunk_size)),
+                    s.config().compression_level
+                );
+            }
+        }
+        SpaceCommand::Info { space, json } => {
+            let s = open(&space).await?;
+            let points = s.list_points().await?;
+            let written: u64 = points.iter().map(|p| p.stats.bytes_written).sum();
+            if json {
+                print_json(&serde_json::json!({
+                    "location": s.describe(),
+                    "config": s.config(),
+                    "points": points.len(),
+                    "bytes_written_by_points": written,
+                }))?;
+            } else {
+                let c = s.config();
+                println!("recovery space   {}", s.describe());
+                println!("format version   {}", c.version);
+                println!("id               {}", c.id);
+                println!("created          {}", time(&c.created_at));
+                println!("chunk size       {}", size(u64::from(c.chunk_size)));
+                println!(
+                    "compression      {} level {}",
+                    c.compression, c.compression_level
+                );
+                println!("encryption       {}", c.encryption);
+                println!("recovery points  {}", points.len());
+                println!("stored by points {}", size(written));
+            }
+        }
+        SpaceCommand::Gc { space, gc, json } => {
+            let s = open(&space).await?;
+            let report = run_gc(&s, &gc, false, json).await?;
+            if json {
+                print_json(&report)?;
+            }
+        }
+        SpaceCommand::Prune {
+            space,
+            keep,
+            dry_run,
+            no_gc,
+            gc,
+            json,
+        } => {
+            let s = open(&space).await?;
+            let policy = RetentionPolicy {
+                keep_last: keep.keep_last,
+                keep_hourly: keep.keep_hourly,
+                keep_daily: keep.keep_daily,
+                keep_weekly: keep.keep_weekly,
+                keep_monthly: keep.keep_monthly,
+                keep_within: keep.keep_within,
+            };
+            let plan = cairn_store::gc::prune_plan(&s, &policy).await?;
+            if !json {
+                let mut t = table(&["POINT", "TAKEN", "ACTION", "WHY"]);
+                for p in &plan.keep {
+                    t.add_row(vec![
+                        p.id.to_string(),
+                        time(&p.snapshot_at),
+                        "keep".into(),
+                        p.reasons.join(", "),
+                    ]);
+                }
+                for p in &plan.remove {
+                    t.add_row(vec![
+                        p.id.to_string(),
+                        time(&p.snapshot_at),
+                        "remove".into(),
+                        String::new(),
+                    ]);
+                }
+                println!("{t}");
+                println!(
+                    "retention plan: keep {}, remove {}{}",
+                    plan.keep.len(),
+                    plan.remove.len(),
+                    if dry_run {
+                        " (dry run: nothing removed)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let mut gc_report = None;
+            if !dry_run {
+                let ids: Vec<_> = plan.remove.iter().map(|p| p.id).collect();
+                cairn_store::gc::delete_points(&s, &ids).await?;
+                if !no_gc && !ids.is_empty() {
+                    gc_report = Some(run_gc(&s, &gc, false, json).await?);
+                }
+            }
+            if json {
+                print_json(
+                    &serde_json::json!({"plan": plan, "dry_run": dry_run, "gc": gc_report}),
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_gc(
+    s: &Space,
+    gc: &GcArgs,
+    dry_run: bool,
+    json: bool,
+) -> Result<cairn_store::gc::GcReport> {
+    let opts = GcOptions {
+        grace: gc.grace,
+        max_ids_per_pass: gc.max_ids_per_pass,
+        dry_run,
+        ..GcOptions::default()
+    };
+    let report = cairn_store::gc::gc(s, &opts, &cairn_store::progress::NoProgress).await?;
+    if !json {
+        println!(
+            "gc: {} points, {} chunks seen, {} referenced; deleted {} chunks ({} freed); {} unreferenced kept in the {} grace period; {} orphan indexes and {} stale leases removed",
+            report.points,
+            report.chunks_seen,
+            report.chunks_referenced,
+            report.chunks_deleted,
+            size(report.bytes_freed),
+            report.chunks_in_grace,
+            humantime::format_duration(gc.grace),
+            report.indexes_deleted,
+            report.leases_removed
+        );
+    }
+    Ok(report)
+}
+
+fn disk_name_of(path: &std::path::Path) -> Result<String> {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .with_context(|| format!("cannot name a disk after {}; use --disk", path.display()))?;
+    Ok(stem)
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn ratio(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.2}x")
+    } else {
+        "all reused".into()
+    }
+}
+
+fn print_point(p: &PointRecord) {
+    println!("recovery point  {}", p.id);
+    if let Some(s) = &p.server {
+        println!("server          {s}");
+    }
+    println!("snapshot at     {}", time(&p.snapshot_at));
+    println!("completed at    {}", time(&p.completed_at));
+    println!("duration        {:.1} s", p.duration_ms as f64 / 1000.0);
+    println!("trigger         {}", p.trigger);
+    println!("operator        {}", p.operator);
+    println!(
+        "parent          {}",
+        p.parent
+            .map_or_else(|| "none (full)".to_string(), |id| id.to_string())
+    );
+    println!("chunk size      {}", size(u64::from(p.chunk_size)));
+    let s = &p.stats;
+    println!(
+        "data            {} covered, {} read, {} new ({} stored)",
+        size(s.bytes_total),
+        size(s.bytes_read),
+        size(s.bytes_new),
+        size(s.bytes_written)
+    );
+    println!(
+        "chunks          {} total: {} new, {} reused, {} zero",
+        s.chunks_total, s.chunks_new, s.chunks_reused, s.chunks_zero
+    );
+    println!(
+        "ratios          dedup {}, compression {}",
+        ratio(s.dedup_ratio(p.chunk_size)),
+        ratio(s.compression_ratio())
+    );
+    let mut t = table(&[
+        "DISK",
+        "SIZE",
+        "READ",
+        "NEW",
+        "STORED",
+        "CHUNKS NEW/REUSED/ZERO",
+        "SOURCE",
+    ]);
+    for d in &p.disks {
+        t.add_row(vec![
+            d.name.clone(),
+            size(d.size),
+            size(d.stats.bytes_read),
+            size(d.stats.bytes_new),
+            size(d.stats.bytes_written),
+            format!(
+                "{}/{}/{}",
+                d.stats.chunks_new, d.stats.chunks_reused, d.stats.chunks_zero
+            ),
+            d.source.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+async fn point_command(c: PointCommand) -> Result<ExitCode> {
+    match c {
+        PointCommand::Create {
+            space,
+            images,
+            disks,
+            parent,
+            server,
+            operator,
+            run,
+        } => {
+            if disks.len() > images.len() {
+                bail!("{} --disk names for {} images", disks.len(), images.len());
+            }
+            let s = open(&space).await?;
+            let mut sources = Vec::with_capacity(images.len());
+            for (i, path) in images.iter().enumerate() {
+                let name = match disks.get(i) {
+                    Some(n) => n.clone(),
+                    None => disk_name_of(path)?,
+                };
+                sources.push(DiskSource {
+                    name,
+                    path: path.clone(),
+                });
+            }
+            let mut opts = CreateOptions::new(sources);
+            opts.parent = match parent.as_deref() {
+                None => ParentChoice::None,
+                Some("latest") => ParentChoice::Latest,
+                Some(id) => ParentChoice::Id(s.resolve_point(id).await?),
+            };
+            opts.server = server;
+            if let Some(op) = operator {
+                opts.operator = op;
+            }
+            opts.concurrency = run.concurrency();
+            let record = cairn_store::create::create_point(&s, &opts, &run.bar()).await?;
+            if run.json {
+                print_json(&record)?;
+            } else {
+                print_point(&record);
+            }
+        }
+        PointCommand::List { space, json } => {
+            let s = open(&space).await?;
+            let points = s.list_points().await?;
+            if json {
+                print_json(&points)?;
+            } else if points.is_empty() {
+                println!("no recovery points in {}", s.describe());
+            } else {
+                let mut t = table(&[
+                    "POINT",
+                    "SNAPSHOT AT",
+                    "SERVER",
+                    "DISKS",
+                    "SIZE",
+                    "NEW",
+                    "STORED",
+                    "DURATION",
+                    "PARENT",
+                ]);
+                for p in &points {
+                    t.add_row(vec![
+                        p.id.to_string(),
+                        time(&p.snapshot_at),
+                        p.server.clone().unwrap_or_default(),
+                        p.disks
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        size(p.stats.bytes_total),
+                        size(p.stats.bytes_new),
+                        size(p.stats.bytes_written),
+                        format!("{:.1} s", p.duration_ms as f64 / 1000.0),
+                        p.parent
+                            .map(|id| id.to_string()[..13].to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        PointCommand::Show { space, id, json } => {
+            let s = open(&space).await?;
+            let id = s.resolve_point(&id).await?;
+            let p = s.load_point(&id).await?;
+            if json {
+                print_json(&p)?;
+            } else {
+                print_point(&p);
+            }
+        }
+        PointCommand::Restore {
+            space,
+            id,
+            target,
+            disk,
+            force,
+            no_sync,
+            run,
+        } => {
+            let s = open(&space).await?;
+            let id = s.resolve_point(&id).await?;
+            let p = s.load_point(&id).await?;
+            let opts = RestoreOptions {
+                force,
+                sync: !no_sync,
+                concurrency: run.concurrency(),
+            };
+            let started = std::time::Instant::now();
+            let r = cairn_store::restore::restore_disk(
+                &s,
+                &p,
+                disk.as_deref(),
+                &target,
+                &opts,
+                &run.bar(),
+            )
+            .await?;
+            if run.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "restored disk {} of point {} to {}: {} ({} written, {} chunks fetched, {} zero chunks) in {:.1} s",
+                    r.disk,
+                    r.point,
+                    r.target.display(),
+                    size(r.disk_size),
+                    size(r.bytes_written),
+                    r.chunks_fetched,
+                    r.chunks_zero,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        PointCommand::Rollback {
+            space,
+            id,
+            image,
+            disk,
+            yes,
+            run,
+        } => {
+            let s = open(&space).await?;
+            let id = s.resolve_point(&id).await?;
+            let p = s.load_point(&id).await?;
+            let bar = run.bar();
+            let plan = cairn_store::rollback::plan_rollback(
+                &s,
+                &p,
+                disk.as_deref(),
+                &image,
+                run.concurrency(),
+                &bar,
+            )
+            .await?;
+            if !yes {
+                if run.json {
+                    print_json(&serde_json::json!({"applied": false, "plan": plan}))?;
+                } else {
+                    println!(
+                        "rollback of {} to disk {} of point {} would rewrite {} of {} chunks ({} of {}).",
+                        plan.image.display(),
+                        plan.disk,
+                        plan.point,
+                        plan.chunks_differing,
+                        plan.chunks_total,
+                        size(plan.bytes_to_rewrite),
+                        size(plan.disk_size)
+                    );
+                    println!(
+                        "Nothing was changed. This is irreversible: the image's current content in those chunks is lost."
+                    );
+                    println!("Stop whatever uses the image, then run the same command with --yes.");
+                }
+                return Ok(ExitCode::from(4));
+            }
+            let r = cairn_store::rollback::apply_rollback(&s, &p, &plan, run.concurrency(), &bar)
+                .await?;
+            if run.json {
+                print_json(&serde_json::json!({"applied": true, "report": r}))?;
+            } else {
+                println!(
+                    "rolled {} back to disk {} of point {}: rewrote {} chunks ({}), read {}",
+                    r.image.display(),
+                    r.disk,
+                    r.point,
+                    r.chunks_rewritten,
+                    size(r.bytes_rewritten),
+                    size(r.bytes_read)
+                );
+            }
+        }
+        PointCommand::Verify { space, ids, run } => {
+            let s = open(&space).await?;
+            let mut resolved = Vec::new();
+            for id in &ids {
+                resolved.push(s.resolve_point(id).await?);
+            }
+            let report =
+                cairn_store::verify::verify(&s, &resolved, run.concurrency(), &run.bar()).await?;
+            if run.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "verified {} points ({} disks): {} distinct chunks, {} of data",
+                    report.points,
+                    report.disks,
+                    report.chunks_checked,
+                    size(report.bytes_checked)
+                );
+                for d in &report.damage {
+                    match &d.chunk {
+                        Some(c) => println!("DAMAGED chunk {c}: {}", d.problem),
+                        None => println!("DAMAGED: {}", d.problem),
+                    }
+                    for a in &d.affected {
+                        let ranges: Vec<String> =
+                            a.ranges.iter().map(|(s, e)| format!("{s}..{e}")).collect();
+                        println!(
+                            "  point {} disk {} bytes {}",
+                            a.point,
+                            a.disk,
+                            ranges.join(", ")
+                        );
+                    }
+                }
+                if report.is_clean() {
+                    println!("no damage found");
+                } else {
+                    println!("{} problems found", report.damage.len());
+                }
+            }
+            if !report.is_clean() {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        PointCommand::Delete { space, ids, json } => {
+            let s = open(&space).await?;
+            let mut resolved = Vec::new();
+            for id in &ids {
+                resolved.push(s.resolve_point(id).await?);
+            }
+            let deleted = cairn_store::gc::delete_points(&s, &resolved).await?;
+            if json {
+                print_json(&serde_json::json!({"deleted": deleted}))?;
+            } else {
+                for id in &deleted {
+                    println!("deleted recovery point {id}");
+                }
+                println!("space is reclaimed by `cairn space gc {space}`");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

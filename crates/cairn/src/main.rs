@@ -1,0 +1,48 @@
+//! `cairn`: the one binary. Offline commands on a recovery space today; the daemon
+//! (`cairn serve`) and its client commands come with the location daemon.
+//!
+//! Exit codes (docs and tests rely on them):
+//! - 0: success
+//! - 1: the operation failed (the message says why: bad input, unreachable space, ...)
+//! - 2: the command line is wrong (unknown flag, missing argument)
+//! - 3: stored data is damaged (verify found damage; restore or rollback met a damaged or
+//!   missing chunk)
+//! - 4: nothing was done because confirmation is required (e.g. rollback without --yes)
+
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = commands::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let damaged = e
+                .downcast_ref::<cairn_store::SpaceError>()
+                .is_some_and(cairn_store::SpaceError::is_damage);
+            ExitCode::from(if damaged { 3 } else { 1 })
+        }
+    }
+}
