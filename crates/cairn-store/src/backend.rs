@@ -83,4 +83,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Every object whose key starts with `prefix` (which ends with `/` or is empty), in
     /// no particular order.
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, BackendError>>;
+    /// Removes what interrupted writes left behind and `list` does not show (a local
+    /// folder's staging files; an object store's unfinished multipart uploads), when older
+    /// than `older_than`. Returns how many were removed.
+    async fn remove_incomplete(
+        &self,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, BackendError> {
+        let _ = older_than;
+        Ok(0)
+    }
 }

@@ -10,6 +10,7 @@
 //! - it is a hole of a sparse image (not even read) or all zeros (a marker in the index);
 //! - its id equals the parent's id at the same position, or any id of the parent point,
 //!   or one already handled in this operation (no existence check, no write).
+//!
 //! Otherwise one `stat` tells whether another point already stored it (deduplication);
 //! only chunks new to the space are compressed and written.
 //!

@@ -101,7 +101,7 @@ pub enum SpaceError {
         chunk: ChunkId,
         start: u64,
         end: u64,
-        source: ChunkError,
+        source: Box<ChunkError>,
     },
     #[error(
         "chunk {chunk} (disk {disk:?}, bytes {start}..{end}) of recovery point {point} is missing from the space"

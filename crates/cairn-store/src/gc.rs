@@ -97,6 +97,8 @@ pub struct GcReport {
     pub bytes_freed: u64,
     pub indexes_deleted: u64,
     pub leases_removed: usize,
+    /// Staging files or unfinished uploads of interrupted writes.
+    pub incomplete_removed: u64,
     pub dry_run: bool,
 }
 
@@ -200,8 +202,12 @@ pub async fn gc(
     }
     progress.finish();
     if !opts.dry_run {
-        report.indexes_deleted = remove_orphan_indexes(space, opts).await?;
-        report.leases_removed = lock::remove_stale(space.backend()).await?;
+        // Leftovers of killed writers, removed while no writer is live.
+        let lease = lock::acquire_gc(space.backend(), opts.lease_wait).await?;
+        let cleaned = clean_leftovers(space, opts, &mut report).await;
+        let released = lease.release().await;
+        cleaned?;
+        released?;
     }
     Ok(report)
 }
@@ -239,6 +245,22 @@ async fn sweep(
         .try_collect()
         .await?;
     Ok((deleted.len() as u64, deleted.iter().sum()))
+}
+
+async fn clean_leftovers(
+    space: &Space,
+    opts: &GcOptions,
+    report: &mut GcReport,
+) -> Result<(), SpaceError> {
+    report.indexes_deleted = remove_orphan_indexes(space, opts).await?;
+    report.leases_removed = lock::remove_stale(space.backend()).await?;
+    // Staging files of interrupted writes: at least a minute old, so that a lease being
+    // written right now by a writer about to back off is never cut.
+    let age = opts.grace.max(Duration::from_secs(60));
+    let cutoff =
+        chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+    report.incomplete_removed = space.backend().remove_incomplete(cutoff).await?;
+    Ok(())
 }
 
 /// Deletes indexes left by a writer that died before its record (older than the grace

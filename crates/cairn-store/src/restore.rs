@@ -77,7 +77,7 @@ pub(crate) fn chunk_error(
             chunk: id,
             start,
             end,
-            source,
+            source: Box::new(source),
         },
         FetchError::Backend(b) => SpaceError::Backend(b),
     }
@@ -123,7 +123,7 @@ pub(crate) async fn write_chunks(
                 let bytes = tokio::task::spawn_blocking(move || {
                     let mut n = 0;
                     for (start, end) in ranges {
-                        if (end - start) as usize != data.len() {
+                        if end - start != data.len() as u64 {
                             return Err(SpaceError::Internal(format!(
                                 "chunk {id} is {} bytes, its place {start}..{end}",
                                 data.len()

@@ -125,6 +125,13 @@ impl Backend for FaultBackend {
         self.inner.stat(key).await
     }
 
+    async fn remove_incomplete(
+        &self,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, BackendError> {
+        self.inner.remove_incomplete(older_than).await
+    }
+
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, BackendError>> {
         if let Err(e) = self.check(Op::List, prefix) {
             return futures::stream::once(async move { Err(e) }).boxed();

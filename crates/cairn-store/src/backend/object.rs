@@ -16,6 +16,8 @@ use super::{Backend, BackendError, ObjectInfo, PutMode};
 pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
     describe: String,
+    /// The folder of a local space, for cleaning up staging files.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl ObjectStoreBackend {
@@ -24,6 +26,7 @@ impl ObjectStoreBackend {
         ObjectStoreBackend {
             store,
             describe: describe.into(),
+            local_root: None,
         }
     }
 
@@ -33,10 +36,10 @@ impl ObjectStoreBackend {
         let store = object_store::local::LocalFileSystem::new_with_prefix(root)
             .map_err(|e| map_error(&root.display().to_string(), e))?
             .with_fsync(true);
-        Ok(Self::new(
-            Arc::new(store),
-            format!("file://{}", root.display()),
-        ))
+        let shown = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        let mut backend = Self::new(Arc::new(store), format!("file://{}", shown.display()));
+        backend.local_root = Some(shown);
+        Ok(backend)
     }
 
     /// A space in memory (tests, benchmarks of the pipeline alone).
@@ -151,6 +154,24 @@ impl Backend for ObjectStoreBackend {
         }
     }
 
+    async fn remove_incomplete(
+        &self,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, BackendError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(0);
+        };
+        let cutoff = std::time::SystemTime::from(older_than);
+        tokio::task::spawn_blocking(move || remove_staging(&root, cutoff))
+            .await
+            .map_err(|e| BackendError::Io {
+                key: String::new(),
+                detail: e.to_string(),
+                retryable: false,
+            })?
+            .map_err(|e| map_io("staging files", &e))
+    }
+
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, BackendError>> {
         let owned = prefix.to_string();
         let p = prefix.trim_end_matches('/');
@@ -175,4 +196,23 @@ impl Backend for ObjectStoreBackend {
             .filter(|r| futures::future::ready(!matches!(r, Err(BackendError::NotFound { .. }))))
             .boxed()
     }
+}
+
+/// Removes the staging files (`<name>#<n>`) that a killed writer left under `dir`.
+fn remove_staging(dir: &FsPath, cutoff: std::time::SystemTime) -> std::io::Result<u64> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            removed += remove_staging(&entry.path(), cutoff)?;
+        } else if ft.is_file()
+            && entry.file_name().to_string_lossy().contains('#')
+            && entry.metadata()?.modified()? < cutoff
+        {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }

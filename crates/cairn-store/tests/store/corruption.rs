@@ -16,7 +16,14 @@ use crate::common::*;
 
 /// A space with two points of a 10-chunk disk; chunk 3 is shared by both points, and
 /// appears twice in the disk (positions 3 and 7).
-async fn setup(dir: &Path) -> (Space, Vec<u8>, cairn_format::record::PointRecord, cairn_format::record::PointRecord) {
+async fn setup(
+    dir: &Path,
+) -> (
+    Space,
+    Vec<u8>,
+    cairn_format::record::PointRecord,
+    cairn_format::record::PointRecord,
+) {
     let space = fs_space(dir).await;
     let img = dir.join("root.img");
     let mut data = noise(9, 10 * CHUNK as usize);
@@ -36,7 +43,13 @@ fn chunk3_path(dir: &Path, data: &[u8]) -> (ChunkId, std::path::PathBuf) {
     (id, dir.join(format!("space/chunks/{}/{}", &hex[..2], hex)))
 }
 
-async fn check_damage_reported(space: &Space, id: ChunkId, p1: uuid::Uuid, p2: uuid::Uuid, problem: &str) {
+async fn check_damage_reported(
+    space: &Space,
+    id: ChunkId,
+    p1: uuid::Uuid,
+    p2: uuid::Uuid,
+    problem: &str,
+) {
     let report = verify(space, &[], 4, &NoProgress).await.unwrap();
     assert_eq!(report.damage.len(), 1, "{:?}", report.damage);
     let d = &report.damage[0];
@@ -47,35 +60,69 @@ async fn check_damage_reported(space: &Space, id: ChunkId, p1: uuid::Uuid, p2: u
     assert_eq!(pts, vec![p1, p2]);
     for a in &d.affected {
         assert_eq!(a.disk, "root");
-        assert_eq!(a.ranges, vec![(3 * CHUNK, 4 * CHUNK), (7 * CHUNK, 8 * CHUNK)]);
+        assert_eq!(
+            a.ranges,
+            vec![(3 * CHUNK, 4 * CHUNK), (7 * CHUNK, 8 * CHUNK)]
+        );
     }
     // Verifying only the other points' chunks: still found since both use it.
     let only = verify(space, &[p2], 4, &NoProgress).await.unwrap();
     assert!(!only.is_clean());
 }
 
-async fn check_restore_and_rollback_refuse(space: &Space, dir: &Path, p2: &cairn_format::record::PointRecord) {
+async fn check_restore_and_rollback_refuse(
+    space: &Space,
+    dir: &Path,
+    p2: &cairn_format::record::PointRecord,
+) {
     let out = dir.join("out.img");
-    let e = restore_disk(space, p2, None, &out, &RestoreOptions::default(), &NoProgress)
-        .await
-        .unwrap_err();
+    let e = restore_disk(
+        space,
+        p2,
+        None,
+        &out,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
     assert!(e.is_damage(), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("disk \"root\"") && msg.contains(&p2.id.to_string()), "{msg}");
+    assert!(
+        msg.contains("disk \"root\"") && msg.contains(&p2.id.to_string()),
+        "{msg}"
+    );
     assert!(!out.exists(), "a failed restore leaves no target behind");
-    assert_eq!(std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("cairn-restore")).count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("cairn-restore"))
+            .count(),
+        0
+    );
 
     // Rollback of an image that differs in the damaged chunk: refused, image untouched.
     let victim = dir.join("victim.img");
     let junk = noise(77, 10 * CHUNK as usize);
     std::fs::write(&victim, &junk).unwrap();
-    let plan = plan_rollback(space, p2, None, &victim, 4, &NoProgress).await.unwrap();
+    let plan = plan_rollback(space, p2, None, &victim, 4, &NoProgress)
+        .await
+        .unwrap();
     assert_eq!(plan.chunks_differing, 10);
     let r = apply_rollback(space, p2, &plan, 4, &NoProgress).await;
     let e = r.unwrap_err();
     assert!(e.is_damage(), "{e}");
     if matches!(e, SpaceError::MissingChunk { .. }) {
-        assert_eq!(std::fs::read(&victim).unwrap(), junk, "refused before writing anything");
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            junk,
+            "refused before writing anything"
+        );
     } else {
         // A damaged (present) chunk is found while writing: nothing wrong is written in
         // its place; the chunks written are the point's own.
@@ -139,19 +186,43 @@ fn damaged_index_and_record() {
         std::fs::write(&idx, &bytes).unwrap();
         let report = verify(&space, &[], 4, &NoProgress).await.unwrap();
         assert_eq!(report.damage.len(), 1);
-        assert!(report.damage[0].problem.contains("disk index of \"root\""), "{}", report.damage[0].problem);
+        assert!(
+            report.damage[0].problem.contains("disk index of \"root\""),
+            "{}",
+            report.damage[0].problem
+        );
         assert_eq!(report.damage[0].affected[0].point, p1.id);
         // The other point is unaffected.
-        assert_eq!(restored(&space, &p2, "root", dir.path()).await.len() as u64, 10 * CHUNK);
-        let e = restore_disk(&space, &p1, None, &dir.path().join("x"), &RestoreOptions::default(), &NoProgress)
-            .await
-            .unwrap_err();
+        assert_eq!(
+            restored(&space, &p2, "root", dir.path()).await.len() as u64,
+            10 * CHUNK
+        );
+        let e = restore_disk(
+            &space,
+            &p1,
+            None,
+            &dir.path().join("x"),
+            &RestoreOptions::default(),
+            &NoProgress,
+        )
+        .await
+        .unwrap_err();
         assert!(e.is_damage() && e.to_string().contains("checksum"), "{e}");
         // GC refuses to run on a space whose indexes it cannot read.
-        let opts = cairn_store::gc::GcOptions { grace: std::time::Duration::ZERO, ..Default::default() };
-        assert!(cairn_store::gc::gc(&space, &opts, &NoProgress).await.is_err());
+        let opts = cairn_store::gc::GcOptions {
+            grace: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(
+            cairn_store::gc::gc(&space, &opts, &NoProgress)
+                .await
+                .is_err()
+        );
 
-        let rec = dir.path().join("space/points").join(format!("{}.json", p2.id));
+        let rec = dir
+            .path()
+            .join("space/points")
+            .join(format!("{}.json", p2.id));
         std::fs::write(&rec, b"{ not json").unwrap();
         let e = space.load_point(&p2.id).await.unwrap_err();
         assert!(e.is_damage() && e.to_string().contains("record"), "{e}");

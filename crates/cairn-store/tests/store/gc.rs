@@ -28,7 +28,11 @@ fn gc_concurrent_with_writers_keeps_everything_referenced() {
         let s2 = stop.clone();
         // GC with no grace period, in a loop, while the writer works.
         let collector = tokio::spawn(async move {
-            let opts = GcOptions { grace: Duration::ZERO, max_ids_per_pass: 5, ..GcOptions::default() };
+            let opts = GcOptions {
+                grace: Duration::ZERO,
+                max_ids_per_pass: 5,
+                ..GcOptions::default()
+            };
             let mut runs = 0;
             while !s2.load(std::sync::atomic::Ordering::SeqCst) {
                 gc(&gc_space, &opts, &NoProgress).await.unwrap();
@@ -73,10 +77,24 @@ fn grace_period_protects_young_garbage() {
         std::fs::write(&img, noise(1, 4 * CHUNK as usize)).unwrap();
         let p = point_of(&space, &[("root", &img)], ParentChoice::None).await;
         delete_points(&space, &[p.id]).await.unwrap();
-        let r = gc(&space, &GcOptions::default(), &NoProgress).await.unwrap();
+        let r = gc(&space, &GcOptions::default(), &NoProgress)
+            .await
+            .unwrap();
         assert_eq!((r.chunks_deleted, r.chunks_in_grace), (0, 4));
-        let stored: u64 = chunk_files(dir.path()).iter().map(|f| f.metadata().unwrap().len()).sum();
-        let r = gc(&space, &GcOptions { grace: Duration::ZERO, ..GcOptions::default() }, &NoProgress).await.unwrap();
+        let stored: u64 = chunk_files(dir.path())
+            .iter()
+            .map(|f| f.metadata().unwrap().len())
+            .sum();
+        let r = gc(
+            &space,
+            &GcOptions {
+                grace: Duration::ZERO,
+                ..GcOptions::default()
+            },
+            &NoProgress,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.chunks_deleted, 4);
         assert_eq!(r.bytes_freed, stored);
         assert!(stored > 4 * CHUNK, "noise is stored raw");

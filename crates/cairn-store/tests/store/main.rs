@@ -1,5 +1,7 @@
 //! Integration tests of the recovery space: one binary, one module per concern.
 
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod common;
 mod corruption;
 mod faults;

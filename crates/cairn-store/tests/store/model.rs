@@ -21,11 +21,27 @@ use crate::common::*;
 #[derive(Debug, Clone)]
 enum Step {
     /// Write `len` bytes at `offset` (scaled to the disk), noise or zeros.
-    Write { disk: usize, offset: u32, len: u32, seed: u64, zeros: bool },
-    Point { incremental: bool },
-    Restore { point: usize, disk: usize },
-    Rollback { point: usize, disk: usize },
-    Delete { point: usize },
+    Write {
+        disk: usize,
+        offset: u32,
+        len: u32,
+        seed: u64,
+        zeros: bool,
+    },
+    Point {
+        incremental: bool,
+    },
+    Restore {
+        point: usize,
+        disk: usize,
+    },
+    Rollback {
+        point: usize,
+        disk: usize,
+    },
+    Delete {
+        point: usize,
+    },
     Gc,
 }
 
@@ -44,68 +60,125 @@ fn step() -> impl Strategy<Value = Step> {
 fn run_model(fs: bool, sizes: Vec<u32>, steps: Vec<Step>) {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let space: Space = if fs { fs_space(dir.path()).await } else { mem_space().await };
+        let space: Space = if fs {
+            fs_space(dir.path()).await
+        } else {
+            mem_space().await
+        };
         // The reference: current content of each disk, and of each live point.
         let mut disks: Vec<Vec<u8>> = sizes.iter().map(|s| vec![0u8; *s as usize * 512]).collect();
-        let paths: Vec<PathBuf> = (0..disks.len()).map(|i| dir.path().join(format!("d{i}.img"))).collect();
+        let paths: Vec<PathBuf> = (0..disks.len())
+            .map(|i| dir.path().join(format!("d{i}.img")))
+            .collect();
         for (p, d) in paths.iter().zip(&disks) {
-            std::fs::File::create(p).unwrap().set_len(d.len() as u64).unwrap();
+            std::fs::File::create(p)
+                .unwrap()
+                .set_len(d.len() as u64)
+                .unwrap();
         }
         let names = ["root", "data"];
         let mut points: BTreeMap<PointId, Vec<Vec<u8>>> = BTreeMap::new();
         for s in steps {
             match s {
-                Step::Write { disk, offset, len, seed, zeros } => {
+                Step::Write {
+                    disk,
+                    offset,
+                    len,
+                    seed,
+                    zeros,
+                } => {
                     let d = disk % disks.len();
                     let size = disks[d].len();
                     let off = offset as usize % size;
                     let len = (len as usize).min(size - off);
-                    let data = if zeros { vec![0u8; len] } else { noise(seed, len) };
+                    let data = if zeros {
+                        vec![0u8; len]
+                    } else {
+                        noise(seed, len)
+                    };
                     disks[d][off..off + len].copy_from_slice(&data);
-                    let f = std::fs::OpenOptions::new().write(true).open(&paths[d]).unwrap();
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&paths[d])
+                        .unwrap();
                     f.write_all_at(&data, off as u64).unwrap();
                 }
                 Step::Point { incremental } => {
-                    let parent = if incremental { ParentChoice::Latest } else { ParentChoice::None };
-                    let list: Vec<(&str, &std::path::Path)> =
-                        paths.iter().enumerate().map(|(i, p)| (names[i], p.as_path())).collect();
+                    let parent = if incremental {
+                        ParentChoice::Latest
+                    } else {
+                        ParentChoice::None
+                    };
+                    let list: Vec<(&str, &std::path::Path)> = paths
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (names[i], p.as_path()))
+                        .collect();
                     let r = point_of(&space, &list, parent).await;
                     points.insert(r.id, disks.clone());
                 }
                 Step::Restore { point, disk } => {
-                    let Some((id, content)) = points.iter().nth(point % points.len().max(1)) else { continue };
+                    let Some((id, content)) = points.iter().nth(point % points.len().max(1)) else {
+                        continue;
+                    };
                     let d = disk % disks.len();
                     let r = space.load_point(id).await.unwrap();
-                    assert_eq!(restored(&space, &r, names[d], dir.path()).await, content[d], "restore of {id} disk {d}");
+                    assert_eq!(
+                        restored(&space, &r, names[d], dir.path()).await,
+                        content[d],
+                        "restore of {id} disk {d}"
+                    );
                 }
                 Step::Rollback { point, disk } => {
-                    let Some((id, content)) = points.iter().nth(point % points.len().max(1)) else { continue };
+                    let Some((id, content)) = points.iter().nth(point % points.len().max(1)) else {
+                        continue;
+                    };
                     let d = disk % disks.len();
                     let r = space.load_point(id).await.unwrap();
-                    let plan = plan_rollback(&space, &r, Some(names[d]), &paths[d], 4, &NoProgress).await.unwrap();
+                    let plan = plan_rollback(&space, &r, Some(names[d]), &paths[d], 4, &NoProgress)
+                        .await
+                        .unwrap();
                     let differing = disks[d]
                         .chunks(CHUNK as usize)
                         .zip(content[d].chunks(CHUNK as usize))
                         .filter(|(a, b)| a != b)
                         .count() as u64;
-                    assert_eq!(plan.chunks_differing, differing, "rollback plan counts only differing chunks");
-                    apply_rollback(&space, &r, &plan, 4, &NoProgress).await.unwrap();
+                    assert_eq!(
+                        plan.chunks_differing, differing,
+                        "rollback plan counts only differing chunks"
+                    );
+                    apply_rollback(&space, &r, &plan, 4, &NoProgress)
+                        .await
+                        .unwrap();
                     disks[d] = content[d].clone();
-                    assert_eq!(std::fs::read(&paths[d]).unwrap(), disks[d], "rolled-back image");
+                    assert_eq!(
+                        std::fs::read(&paths[d]).unwrap(),
+                        disks[d],
+                        "rolled-back image"
+                    );
                 }
                 Step::Delete { point } => {
-                    let Some(id) = points.keys().nth(point % points.len().max(1)).copied() else { continue };
+                    let Some(id) = points.keys().nth(point % points.len().max(1)).copied() else {
+                        continue;
+                    };
                     delete_points(&space, &[id]).await.unwrap();
                     points.remove(&id);
                 }
                 Step::Gc => {
-                    let opts = GcOptions { grace: Duration::ZERO, max_ids_per_pass: 7, ..GcOptions::default() };
+                    let opts = GcOptions {
+                        grace: Duration::ZERO,
+                        max_ids_per_pass: 7,
+                        ..GcOptions::default()
+                    };
                     gc(&space, &opts, &NoProgress).await.unwrap();
                 }
             }
         }
         // Finally: collect garbage, then every live point still verifies and restores.
-        let opts = GcOptions { grace: Duration::ZERO, ..GcOptions::default() };
+        let opts = GcOptions {
+            grace: Duration::ZERO,
+            ..GcOptions::default()
+        };
         gc(&space, &opts, &NoProgress).await.unwrap();
         let report = verify(&space, &[], 4, &NoProgress).await.unwrap();
         assert!(report.is_clean(), "{:?}", report.damage);
@@ -115,7 +188,10 @@ fn run_model(fs: bool, sizes: Vec<u32>, steps: Vec<Step>) {
                 assert_eq!(&restored(&space, &r, names[d], dir.path()).await, want);
             }
         }
-        assert_eq!(space.point_ids().await.unwrap(), points.keys().copied().collect::<Vec<_>>());
+        assert_eq!(
+            space.point_ids().await.unwrap(),
+            points.keys().copied().collect::<Vec<_>>()
+        );
     });
 }
 
@@ -167,14 +243,26 @@ fn incremental_equals_full() {
         assert_eq!(inc.stats.chunks_new, 3);
         assert_eq!(inc.stats.chunks_reused, 33);
         let full2 = point_of(&space, &[("root", &img)], ParentChoice::None).await;
-        assert_eq!(full2.stats.chunks_new, 0, "a full point is deduplicated against the space");
+        assert_eq!(
+            full2.stats.chunks_new, 0,
+            "a full point is deduplicated against the space"
+        );
         let a = restored(&space, &inc, "root", dir.path()).await;
         let b = restored(&space, &full2, "root", dir.path()).await;
         assert_eq!(a, data);
         assert_eq!(a, b);
         // Deleting the older point never affects the newer one.
         delete_points(&space, &[full.id]).await.unwrap();
-        gc(&space, &GcOptions { grace: Duration::ZERO, ..GcOptions::default() }, &NoProgress).await.unwrap();
+        gc(
+            &space,
+            &GcOptions {
+                grace: Duration::ZERO,
+                ..GcOptions::default()
+            },
+            &NoProgress,
+        )
+        .await
+        .unwrap();
         assert_eq!(restored(&space, &inc, "root", dir.path()).await, data);
     });
 }
