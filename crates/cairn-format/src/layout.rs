@@ -7,11 +7,15 @@
 //! indexes/<point id>/<disk>.idx        disk indexes, one per disk per recovery point
 //! points/<point id>.json               recovery point records (written last)
 //! locks/<uuid>.json                    leases of running writers and of GC
+//! reserve.bin                          64 KiB of reserved room, freed by GC on a full store
 //! ```
 
 use crate::id::{ChunkId, PointId};
 
 pub const CONFIG_KEY: &str = "config.json";
+pub const RESERVE_KEY: &str = "reserve.bin";
+/// Size of the reserve object: room for GC's lease when the store is full.
+pub const RESERVE_LEN: usize = 64 * 1024;
 pub const CHUNKS_PREFIX: &str = "chunks/";
 pub const INDEXES_PREFIX: &str = "indexes/";
 pub const POINTS_PREFIX: &str = "points/";

@@ -99,6 +99,8 @@ pub struct GcReport {
     pub leases_removed: usize,
     /// Staging files or unfinished uploads of interrupted writes.
     pub incomplete_removed: u64,
+    /// The store was full: the reserve object was freed to let GC take its lease.
+    pub reserve_used: bool,
     pub dry_run: bool,
 }
 
@@ -192,7 +194,7 @@ pub async fn gc(
             report.bytes_freed += candidates.iter().map(|c| c.1).sum::<u64>();
             continue;
         }
-        let lease = lock::acquire_gc(space.backend(), opts.lease_wait).await?;
+        let lease = acquire_lease(space, opts, &mut report).await?;
         let swept = sweep(space, &ids0, &shards, candidates).await;
         let released = lease.release().await;
         let (n, bytes) = swept?;
@@ -203,13 +205,39 @@ pub async fn gc(
     progress.finish();
     if !opts.dry_run {
         // Leftovers of killed writers, removed while no writer is live.
-        let lease = lock::acquire_gc(space.backend(), opts.lease_wait).await?;
+        let lease = acquire_lease(space, opts, &mut report).await?;
         let cleaned = clean_leftovers(space, opts, &mut report).await;
         let released = lease.release().await;
         cleaned?;
         released?;
     }
+    if report.reserve_used {
+        // Put the room back for next time, if there is room again.
+        if let Err(e) = space.put_reserve().await {
+            tracing::warn!("cannot restore the reserve object: {e}");
+        }
+    }
     Ok(report)
+}
+
+/// Takes the GC lease. When the store is too full to write even the lease, frees the
+/// reserve object first: GC is how an operator gets room back, so it must run on a full
+/// store. (Writers cannot start on a full store: they must write a lease first.)
+async fn acquire_lease(
+    space: &Space,
+    opts: &GcOptions,
+    report: &mut GcReport,
+) -> Result<lock::Lease, SpaceError> {
+    match lock::acquire_gc(space.backend(), opts.lease_wait).await {
+        Err(SpaceError::Backend(crate::backend::BackendError::NoSpace { .. }))
+            if !report.reserve_used =>
+        {
+            report.reserve_used = true;
+            space.backend().delete(layout::RESERVE_KEY).await?;
+            lock::acquire_gc(space.backend(), opts.lease_wait).await
+        }
+        other => other,
+    }
 }
 
 /// Under the GC lease: spare what points committed since the mark reference, delete

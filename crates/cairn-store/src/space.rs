@@ -56,10 +56,28 @@ impl Space {
             )
             .await
         {
-            Ok(()) => Ok(Space { backend, config }),
-            Err(BackendError::AlreadyExists { .. }) => Err(SpaceError::AlreadyExists { location }),
-            Err(e) => Err(e.into()),
+            Ok(()) => {}
+            Err(BackendError::AlreadyExists { .. }) => {
+                return Err(SpaceError::AlreadyExists { location });
+            }
+            Err(e) => return Err(e.into()),
         }
+        let space = Space { backend, config };
+        space.put_reserve().await?;
+        Ok(space)
+    }
+
+    /// Writes the reserve object: room that garbage collection frees to write its lease
+    /// when the store is full (see `gc`).
+    pub(crate) async fn put_reserve(&self) -> Result<(), SpaceError> {
+        self.backend
+            .put(
+                layout::RESERVE_KEY,
+                Bytes::from(vec![0u8; layout::RESERVE_LEN]),
+                PutMode::Overwrite,
+            )
+            .await?;
+        Ok(())
     }
 
     /// Opens an existing space, refusing one of an unknown format version.

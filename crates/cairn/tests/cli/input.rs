@@ -269,7 +269,17 @@ fn full_disk_via_cli() {
             1,
             "the failed point is not visible"
         );
-        ok(&["space", "gc", p(&space), "--grace", "0s"]);
+        // Fill the store to the last byte: GC must still run, and free the failed
+        // point's chunks (using the reserve to write its lease).
+        let filler = mnt.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 4096];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+        drop(f);
+        let gc = json(&["space", "gc", p(&space), "--grace", "0s", "--json"]);
+        assert_eq!(gc["reserve_used"], true, "{gc}");
+        assert!(gc["chunks_deleted"].as_u64().unwrap() > 0, "{gc}");
+        std::fs::remove_file(&filler).unwrap();
         ok(&["point", "verify", p(&space)]);
         let out = dir.path().join("back.img");
         ok(&["point", "restore", p(&space), &id, p(&out)]);
