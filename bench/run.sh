@@ -169,6 +169,12 @@ compare() {
     warm data/disk.img
     run_timed full casync 'casync make --store=casync-store --compression=zstd casync-full.caibx data/disk.img'
 
+    declare -A SZ0=()
+    SZ0[cairn]=$(du -sb cairn-space | cut -f1)
+    SZ0[restic]=$(du -sb restic-repo | cut -f1)
+    SZ0[borg]=$(du -sb borg-repo | cut -f1)
+    SZ0[casync]=$(du -scb casync-store casync-full.caibx | tail -n 1 | cut -f1)
+
     log "1%-changed image at the same path"
     rm -f data/disk.img
     cp --sparse=always "$IMG/changed.img" data/disk.img
@@ -292,7 +298,7 @@ report() {
         case $op in
             full) printf '; cairn %s; zstd = compress to /dev/null' "$(gib_s "${T[full|cairn]}")" ;;
             incr) printf '; cairn %s (hashes every chunk)' "$(gib_s "${T[incr|cairn]}")" ;;
-            restore) printf '; allocated MiB of output: cairn %s, restic %s, borg %s, casync %s; zstd = \`zstd -d\` of a .zst copy' \
+            restore) printf '; allocated MiB of output: cairn %s, restic %s, borg %s, casync %s; zstd = `zstd -d` of a .zst copy' \
                 "${NOTE[alloc|cairn]}" "${NOTE[alloc|restic]}" "${NOTE[alloc|borg]}" "${NOTE[alloc|casync]}" ;;
             verify) printf '; cairn/restic/borg: all points, read all data; casync: `digest` of both indexes; zstd: `zstd -t`' ;;
         esac
@@ -318,6 +324,12 @@ report() {
     for tool in cairn restic borg casync zstd; do printf ' %s |' "$(mib "${SZ[$tool]}")"; done
     awk -v c="${SZ[cairn]}" -v b="$bs" -v p="$best" -v img="$bytes" 'BEGIN{
         printf " cairn %.2fx the smallest peer (%s); cairn = %.1f%% of image size; zstd = one .zst of the changed image |\n", c/b, p, 100*c/img }'
+    printf '| space/repo size after full only |'
+    for tool in cairn restic borg casync; do printf ' %s |' "$(mib "${SZ0[$tool]}")"; done
+    echo ' - | |'
+    printf '| growth from the 1%% incremental |'
+    for tool in cairn restic borg casync; do printf ' %s |' "$(mib $((SZ[$tool] - SZ0[$tool])))"; done
+    echo " - | changed bytes: $(mib $((bytes / 100))) MiB scattered in 64 KiB blocks |"
     echo
     echo "cairn point stats: $cstats"
     echo
