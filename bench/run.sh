@@ -72,6 +72,23 @@ run_timed() {
     printf '   -> %s s, %s KB peak RSS\n' "$secs" "$kb" >&2
 }
 
+# run_best N 'cleanup cmd' OP TOOL 'cmd': run N times (cleanup, untimed, before each),
+# report the median wall time and the highest RSS; all times go to ALL[].
+declare -A ALL=()
+run_best() {
+    local n=$1 cleanup=$2 op=$3 tool=$4 cmd=$5 i bm=0 times=()
+    for ((i = 1; i <= n; i++)); do
+        bash -c "$cleanup"
+        run_timed "$op" "$tool" "$cmd"
+        ALL[$op|$tool]+="${ALL[$op|$tool]:+/}${T[$op|$tool]}"
+        times+=("${T[$op|$tool]}")
+        [ "${M[$op|$tool]}" -gt "$bm" ] && bm=${M[$op|$tool]}
+    done
+    T[$op|$tool]=$(printf '%s\n' "${times[@]}" | sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}')
+    M[$op|$tool]=$bm
+}
+RUNS=${RUNS:-3}   # runs of every operation; the median is reported
+
 warm() { cat "$@" > /dev/null; }                      # page-cache warm, untimed
 warm_dir() { find "$@" -type f -exec cat {} + > /dev/null; }
 mib() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1048576}'; }
@@ -150,24 +167,24 @@ compare() {
 
     log "machine limits"
     warm data/disk.img
-    run_timed read cat 'cat data/disk.img > /dev/null'
-    run_timed full zstd 'zstd -1 -T0 -q -c data/disk.img > /dev/null'
+    run_best "$RUNS" : read cat 'cat data/disk.img > /dev/null'
+    run_best "$RUNS" : full zstd 'zstd -1 -T0 -q -c data/disk.img > /dev/null'
 
-    log "full backups"
-    "$CAIRN" space init cairn-space --chunk-size 4MiB --compression-level 1 >"$LOGDIR/cairn-init.log"
-    restic -r restic-repo init --repository-version 2 >"$LOGDIR/restic-init.log" 2>&1
-    borg init -e none borg-repo >"$LOGDIR/borg-init.log" 2>&1
-    mkdir -p casync-store
+    log "full backups (each on a fresh repository)"
     echo "cairn space init cairn-space --chunk-size 4MiB --compression-level 1; restic -r restic-repo init --repository-version 2; borg init -e none borg-repo" >> "$CMDS_FILE"
-
-    warm data/disk.img
-    run_timed full cairn "$CAIRN point create cairn-space data/disk.img --disk disk -q --json > cairn-full.json"
-    warm data/disk.img
-    run_timed full restic 'restic -r restic-repo backup --host bench -q data/disk.img'
-    warm data/disk.img
-    run_timed full borg 'borg create --compression zstd,1 borg-repo::full data/disk.img'
-    warm data/disk.img
-    run_timed full casync 'casync make --store=casync-store --compression=zstd casync-full.caibx data/disk.img'
+    local warmc='cat data/disk.img > /dev/null'
+    run_best "$RUNS" "$warmc; rm -rf cairn-space; $CAIRN space init cairn-space --chunk-size 4MiB --compression-level 1 >/dev/null" \
+        full cairn "$CAIRN point create cairn-space data/disk.img --disk disk -q --json > cairn-full.json"
+    run_best "$RUNS" "$warmc; rm -rf restic-repo restic-cache; restic -r restic-repo init --repository-version 2 >/dev/null 2>&1" \
+        full restic 'restic -r restic-repo backup --host bench -q data/disk.img'
+    run_best "$RUNS" "$warmc; rm -rf borg-repo borg-base; borg init -e none borg-repo >/dev/null 2>&1" \
+        full borg 'borg create --compression zstd,1 borg-repo::full data/disk.img'
+    run_best "$RUNS" "$warmc; rm -rf casync-store casync-full.caibx; mkdir -p casync-store" \
+        full casync 'casync make --store=casync-store --compression=zstd casync-full.caibx data/disk.img'
+    # Keep each repository as the full backup left it: every incremental run starts there.
+    for d in cairn-space restic-repo restic-cache borg-repo borg-base casync-store; do
+        rm -rf "$d.full"; cp -a "$d" "$d.full"
+    done
 
     declare -A SZ0=()
     SZ0[cairn]=$(du -sb cairn-space | cut -f1)
@@ -179,54 +196,56 @@ compare() {
     rm -f data/disk.img
     cp --sparse=always "$IMG/changed.img" data/disk.img
     warm data/disk.img
-    run_timed incr zstd 'zstd -1 -T0 -q -c data/disk.img > /dev/null'
+    run_best "$RUNS" : incr zstd 'zstd -1 -T0 -q -c data/disk.img > /dev/null'
 
-    warm data/disk.img
-    run_timed incr cairn "$CAIRN point create cairn-space data/disk.img --disk disk --parent latest -q --json > cairn-incr.json"
-    warm data/disk.img
-    run_timed incr restic 'restic -r restic-repo backup --host bench -q data/disk.img'
-    warm data/disk.img
-    run_timed incr borg 'borg create --compression zstd,1 borg-repo::incr data/disk.img'
-    warm data/disk.img
-    run_timed incr casync 'casync make --store=casync-store --compression=zstd casync-incr.caibx data/disk.img'
+    back() { local c="cat data/disk.img > /dev/null"; for d in "$@"; do c+="; rm -rf $d; cp -a $d.full $d"; done; echo "$c; sync"; }
+    run_best "$RUNS" "$(back cairn-space)" \
+        incr cairn "$CAIRN point create cairn-space data/disk.img --disk disk --parent latest -q --json > cairn-incr.json"
+    run_best "$RUNS" "$(back restic-repo restic-cache)" \
+        incr restic 'restic -r restic-repo backup --host bench -q data/disk.img'
+    run_best "$RUNS" "$(back borg-repo borg-base)" \
+        incr borg 'borg create --compression zstd,1 borg-repo::incr data/disk.img'
+    run_best "$RUNS" "$(back casync-store)" \
+        incr casync 'casync make --store=casync-store --compression=zstd casync-incr.caibx data/disk.img'
+    rm -rf ./*.full
 
     log "restore of the latest backup (+ fsync of the output)"
     check_restore() {   # TOOL FILE: must equal the changed image; then free it
         cmp "$2" "$IMG/changed.img" || die "$1 restore differs from the source"
         NOTE[alloc|$1]=$(mib "$(alloc_bytes "$2")")
-        rm -rf "restore/$1"
+        rm -rf "restore/$1"; mkdir -p "restore/$1"
     }
     mkdir -p restore/cairn restore/restic restore/borg restore/casync restore/zstd
     warm_dir cairn-space
-    run_timed restore cairn "$CAIRN point restore cairn-space latest restore/cairn/disk.img -q"
+    run_best "$RUNS" 'rm -f restore/cairn/disk.img' restore cairn "$CAIRN point restore cairn-space latest restore/cairn/disk.img -q"
     check_restore cairn restore/cairn/disk.img
-    warm_dir restic-repo restic-cache
     # (restic 0.14 re-creates the path as given to backup: restore/restic/data/disk.img)
-    run_timed restore restic 'restic -r restic-repo restore latest --target restore/restic -q && sync "$(find restore/restic -type f -name disk.img)"'
+    warm_dir restic-repo restic-cache
+    run_best "$RUNS" 'rm -rf restore/restic/*' restore restic 'restic -r restic-repo restore latest --target restore/restic -q && sync "$(find restore/restic -type f -name disk.img)"'
     check_restore restic "$(find restore/restic -type f -name disk.img)"
     warm_dir borg-repo
-    run_timed restore borg 'cd restore/borg && borg extract --sparse ../../borg-repo::incr && sync data/disk.img'
+    run_best "$RUNS" 'rm -rf restore/borg; mkdir -p restore/borg' restore borg 'cd restore/borg && borg extract --sparse ../../borg-repo::incr && sync data/disk.img'
     check_restore borg restore/borg/data/disk.img
     warm_dir casync-store casync-incr.caibx
-    run_timed restore casync 'casync extract --store=casync-store casync-incr.caibx restore/casync/disk.img && sync restore/casync/disk.img'
+    run_best "$RUNS" 'rm -f restore/casync/disk.img; mkdir -p restore/casync' restore casync 'casync extract --store=casync-store casync-incr.caibx restore/casync/disk.img && sync restore/casync/disk.img'
     check_restore casync restore/casync/disk.img
     # Machine reference: decompress a zstd -1 copy (sparse output) + fsync.
     zstd -1 -T0 -q -f data/disk.img -o ref.zst
     warm ref.zst
-    run_timed restore zstd 'zstd -d -q -f ref.zst -o restore/zstd/disk.img && sync restore/zstd/disk.img'
+    run_best "$RUNS" 'rm -f restore/zstd/disk.img; mkdir -p restore/zstd' restore zstd 'zstd -d -q -f ref.zst -o restore/zstd/disk.img && sync restore/zstd/disk.img'
     check_restore zstd restore/zstd/disk.img
 
     log "verify (all points / read all data)"
     warm_dir cairn-space
-    run_timed verify cairn "$CAIRN point verify cairn-space -q"
+    run_best "$RUNS" : verify cairn "$CAIRN point verify cairn-space -q"
     warm_dir restic-repo restic-cache
-    run_timed verify restic 'restic -r restic-repo check --read-data'
+    run_best "$RUNS" : verify restic 'restic -r restic-repo check --read-data'
     warm_dir borg-repo
-    run_timed verify borg 'borg check --verify-data borg-repo'
+    run_best "$RUNS" : verify borg 'borg check --verify-data borg-repo'
     warm_dir casync-store
-    run_timed verify casync 'casync digest --store=casync-store casync-full.caibx && casync digest --store=casync-store casync-incr.caibx'
+    run_best "$RUNS" : verify casync 'casync digest --store=casync-store casync-full.caibx && casync digest --store=casync-store casync-incr.caibx'
     warm ref.zst
-    run_timed verify zstd 'zstd -t -q ref.zst'
+    run_best "$RUNS" : verify zstd 'zstd -t -q ref.zst'
 
     declare -A SZ=()
     SZ[cairn]=$(du -sb cairn-space | cut -f1)
@@ -333,10 +352,15 @@ report() {
     echo
     echo "cairn point stats: $cstats"
     echo
+    printf 'Every operation: median of %s runs (fresh repository for each full backup; the post-full repository restored before each incremental); all runs:' "$RUNS"
+    for op in restore verify; do for tool in cairn restic borg casync zstd; do printf ' %s/%s %s;' "$op" "$tool" "${ALL[$op|$tool]}"; done; done
+    echo
+    echo "Backups are single runs (full on a fresh repo, then incremental)."
+    echo
     echo "## Commands (cwd = run dir, via \`/usr/bin/time -f '%e s %M KB' bash -c CMD\`)"
     echo
     echo '```'
-    sed "s|$R/|./|g; s|$CAIRN|cairn|g" "$CMDS_FILE"
+    sed "s|$R/|./|g; s|$CAIRN|cairn|g" "$CMDS_FILE" | awk '!seen[$0]++'
     echo '```'
 }
 

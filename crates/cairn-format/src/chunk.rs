@@ -56,10 +56,12 @@ pub enum ChunkError {
     HashMismatch { expected: ChunkId, got: ChunkId },
 }
 
-/// Seals chunks; holds a reusable zstd context (create one per thread).
+/// Seals chunks; holds a reusable zstd context and scratch buffer (create one per
+/// thread).
 pub struct ChunkCodec {
     compressor: zstd::bulk::Compressor<'static>,
     level: i32,
+    scratch: Vec<u8>,
 }
 
 impl ChunkCodec {
@@ -68,6 +70,7 @@ impl ChunkCodec {
         Ok(ChunkCodec {
             compressor: zstd::bulk::Compressor::new(level)?,
             level,
+            scratch: Vec::new(),
         })
     }
 
@@ -77,23 +80,21 @@ impl ChunkCodec {
 
     /// Seals `plain` into a stored envelope, compressed when that is smaller.
     pub fn seal(&mut self, plain: &[u8]) -> std::io::Result<Vec<u8>> {
-        assert!(
-            plain.len() <= MAX_PLAIN_LEN,
-            "chunk larger than the format allows"
-        );
+        assert!(plain.len() <= MAX_PLAIN_LEN, "chunk larger than the format allows");
+        // Compress into the reused scratch buffer (its spare capacity: no zero-filling,
+        // no fresh pages), then copy what is kept into an exact-size envelope.
         let bound = zstd::zstd_safe::compress_bound(plain.len());
-        let mut out = vec![0u8; HEADER_LEN + bound];
-        let n = self
-            .compressor
-            .compress_to_buffer(plain, &mut out[HEADER_LEN..])?;
-        let compression = if n < plain.len() {
-            out.truncate(HEADER_LEN + n);
-            COMPRESSION_ZSTD
+        self.scratch.clear();
+        self.scratch.reserve(bound);
+        let n = self.compressor.compress_to_buffer(plain, &mut self.scratch)?;
+        let (compression, payload) = if n < plain.len() {
+            (COMPRESSION_ZSTD, &self.scratch[..n])
         } else {
-            out.truncate(HEADER_LEN);
-            out.extend_from_slice(plain);
-            COMPRESSION_NONE
+            (COMPRESSION_NONE, plain)
         };
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(&[0u8; HEADER_LEN]);
+        out.extend_from_slice(payload);
         write_header(&mut out, compression, plain.len());
         Ok(out)
     }

@@ -17,7 +17,6 @@
 //! The disk indexes are written after all their chunks, and the record last of all, so a
 //! crash leaves at worst unreferenced chunks and indexes for garbage collection.
 
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -50,7 +49,7 @@ pub struct DiskSource {
 pub enum ParentChoice {
     /// A full point (still deduplicated against the whole space).
     None,
-    /// The newest point of the space, if any.
+    /// The newest point of the same server (`None` = of no server), if any.
     Latest,
     Id(PointId),
 }
@@ -94,25 +93,46 @@ pub fn default_concurrency() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) * 2 + 2
 }
 
-thread_local! {
-    static CODEC: RefCell<Option<ChunkCodec>> = const { RefCell::new(None) };
+/// Reusable compression contexts (each with its scratch buffer), at most one per core
+/// in use at once.
+pub(crate) struct CodecPool {
+    level: i32,
+    idle: Mutex<Vec<ChunkCodec>>,
 }
 
-/// Seals a chunk with this thread's reusable compression context.
-pub(crate) fn seal(level: i32, plain: &[u8]) -> std::io::Result<Vec<u8>> {
-    CODEC.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|codec| codec.level() != level) {
-            *c = Some(ChunkCodec::new(level)?);
+impl CodecPool {
+    pub(crate) fn new(level: i32) -> Self {
+        CodecPool {
+            level,
+            idle: Mutex::new(Vec::new()),
         }
-        c.as_mut().expect("codec set").seal(plain)
-    })
+    }
+
+    /// Seals a chunk with a pooled context.
+    pub(crate) fn seal(&self, plain: &[u8]) -> std::io::Result<Vec<u8>> {
+        let taken = self.idle.lock().expect("poisoned").pop();
+        let mut codec = match taken {
+            Some(c) => c,
+            None => ChunkCodec::new(self.level)?,
+        };
+        let sealed = codec.seal(plain);
+        self.idle.lock().expect("poisoned").push(codec);
+        sealed
+    }
+}
+
+/// How many CPU-bound chunk jobs (read+hash, compress) run at once: one per core, plus
+/// one to cover a job waiting on a read. More would only add memory and context
+/// switches; I/O still overlaps up to `concurrency`.
+pub(crate) fn cpu_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
 }
 
 /// State shared by every chunk of one point creation.
 struct Writer {
     backend: Arc<dyn Backend>,
-    level: i32,
+    codecs: Arc<CodecPool>,
+    cpu: tokio::sync::Semaphore,
     pool: Arc<BufferPool>,
     /// Chunks known to be in the space: the parent's, and those handled so far.
     known: Mutex<HashSet<ChunkId>>,
@@ -135,6 +155,7 @@ impl Writer {
         let len = usize::try_from(end - start).expect("chunk fits in memory");
         let img = image.clone();
         let pool = self.pool.clone();
+        let permit = self.cpu.acquire().await.expect("semaphore open");
         let (id, buf, read) = tokio::task::spawn_blocking(move || {
             if !img.may_have_data(start, end) {
                 return Ok((ChunkId::ZERO, None, 0));
@@ -149,6 +170,7 @@ impl Writer {
             Ok::<_, SpaceError>((id, Some(buf), len as u64))
         })
         .await??;
+        drop(permit);
         let Some(buf) = buf else {
             return Ok((id, Outcome::Zero, read));
         };
@@ -162,15 +184,17 @@ impl Writer {
             self.known.lock().expect("poisoned").insert(id);
             return Ok((id, Outcome::Reused, read));
         }
-        let level = self.level;
+        let codecs = self.codecs.clone();
         let pool = self.pool.clone();
+        let permit = self.cpu.acquire().await.expect("semaphore open");
         let sealed = tokio::task::spawn_blocking(move || {
-            let sealed = seal(level, &buf);
+            let sealed = codecs.seal(&buf);
             pool.give(buf);
             sealed
         })
         .await?
         .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
+        drop(permit);
         let stored = sealed.len() as u64;
         let outcome = match self
             .backend
@@ -211,10 +235,13 @@ pub async fn create_point(
     }
     let parent = match &opts.parent {
         ParentChoice::None => None,
-        ParentChoice::Latest => match space.point_ids().await?.last() {
-            Some(id) => Some(space.load_point(id).await?),
-            None => None,
-        },
+        // The newest point of the same server (or of no server, for loose images).
+        ParentChoice::Latest => space
+            .list_points()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|p| p.server == opts.server),
         ParentChoice::Id(id) => Some(space.load_point(id).await?),
     };
 
@@ -251,7 +278,8 @@ async fn write_point(
     }
     let writer = Writer {
         backend: space.backend().clone(),
-        level: space.config().compression_level,
+        codecs: Arc::new(CodecPool::new(space.config().compression_level)),
+        cpu: tokio::sync::Semaphore::new(cpu_slots()),
         pool: BufferPool::new(chunk_size as usize, concurrency),
         known: Mutex::new(known),
     };

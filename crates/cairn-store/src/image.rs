@@ -100,6 +100,47 @@ impl Image {
             .map_err(|e| SpaceError::image("cannot write", &self.path, e))
     }
 
+    /// Writes the non-zero parts of `buf` at `offset`, leaving zero runs of 64 KiB blocks
+    /// unwritten: for a target known to read as zeros there (a fresh sparse file), so
+    /// they stay holes. Returns the bytes written.
+    pub fn write_nonzero_at(&self, buf: &[u8], offset: u64) -> Result<u64, SpaceError> {
+        const BLOCK: usize = 64 * 1024;
+        let mut written = 0;
+        let mut run: Option<usize> = None;
+        for (i, block) in buf.chunks(BLOCK).enumerate() {
+            let zero = cairn_format::zero::is_zero(block);
+            match (zero, run) {
+                (false, None) => run = Some(i * BLOCK),
+                (true, Some(start)) => {
+                    self.write_at(&buf[start..i * BLOCK], offset + start as u64)?;
+                    written += (i * BLOCK - start) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            self.write_at(&buf[start..], offset + start as u64)?;
+            written += (buf.len() - start) as u64;
+        }
+        Ok(written)
+    }
+
+    /// Starts flushing written data without making writers wait for it: called every so
+    /// often during a restore, so that the final sync has little left to do.
+    pub fn flush_behind(&self, flushing: &Arc<std::sync::atomic::AtomicBool>) {
+        use std::sync::atomic::Ordering;
+        if flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let file = self.file.clone();
+        let flag = flushing.clone();
+        std::thread::spawn(move || {
+            let _ = rustix::fs::fdatasync(&*file);
+            flag.store(false, Ordering::Release);
+        });
+    }
+
     /// Makes `[offset, offset+len)` read as zeros: a hole in a file (when the filesystem
     /// can punch one), zeros written otherwise.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), SpaceError> {

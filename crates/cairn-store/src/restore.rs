@@ -83,9 +83,10 @@ pub(crate) fn chunk_error(
     }
 }
 
-/// Writes every given chunk of `index` into `image` (each distinct chunk fetched once);
-/// zero chunks are written as zeros only when `write_zeros`. Returns bytes written and
-/// chunks fetched.
+/// Writes every given chunk of `index` into `image` (each distinct chunk fetched once).
+/// With `write_zeros`, zero chunks and zero runs are written (an existing target);
+/// without, the target is known to read as zeros and they are left as holes (a fresh
+/// sparse file). Returns bytes written and chunks fetched.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_chunks(
     space: &Space,
@@ -110,6 +111,11 @@ pub(crate) async fn write_chunks(
     let groups = group_by_chunk(positions);
     let fetched = groups.len() as u64;
     let backend = space.backend().clone();
+    // Write-behind: every FLUSH_EVERY bytes, start flushing in the background.
+    const FLUSH_EVERY: u64 = 256 << 20;
+    let since_flush = std::sync::atomic::AtomicU64::new(0);
+    let flushing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (since_flush, flushing) = (&since_flush, &flushing);
     let written: u64 = futures::stream::iter(groups)
         .map(|(id, at)| {
             let backend = backend.clone();
@@ -120,8 +126,8 @@ pub(crate) async fn write_chunks(
                 let data = Arc::new(data);
                 let img = image.clone();
                 let ranges: Vec<(u64, u64)> = at.iter().map(|i| index.chunk_range(*i)).collect();
-                let bytes = tokio::task::spawn_blocking(move || {
-                    let mut n = 0;
+                let (covered, written) = tokio::task::spawn_blocking(move || {
+                    let (mut covered, mut written) = (0, 0);
                     for (start, end) in ranges {
                         if end - start != data.len() as u64 {
                             return Err(SpaceError::Internal(format!(
@@ -129,14 +135,24 @@ pub(crate) async fn write_chunks(
                                 data.len()
                             )));
                         }
-                        img.write_at(&data, start)?;
-                        n += end - start;
+                        if write_zeros {
+                            img.write_at(&data, start)?;
+                            written += end - start;
+                        } else {
+                            written += img.write_nonzero_at(&data, start)?;
+                        }
+                        covered += end - start;
                     }
-                    Ok::<_, SpaceError>(n)
+                    Ok::<_, SpaceError>((covered, written))
                 })
                 .await??;
-                progress.advance(bytes);
-                Ok::<_, SpaceError>(bytes)
+                progress.advance(covered);
+                let pending = since_flush.fetch_add(written, std::sync::atomic::Ordering::Relaxed) + written;
+                if pending >= FLUSH_EVERY {
+                    since_flush.store(0, std::sync::atomic::Ordering::Relaxed);
+                    image.flush_behind(flushing);
+                }
+                Ok::<_, SpaceError>(written)
             }
         })
         .buffer_unordered(concurrency.max(1))

@@ -48,6 +48,8 @@ fn operator_session() {
         p(&space),
         p(&root),
         p(&data_img),
+        "--server",
+        "web",
         "--parent",
         "latest",
         "--json",
