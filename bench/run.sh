@@ -353,9 +353,10 @@ report() {
     echo "cairn point stats: $cstats"
     echo
     printf 'Every operation: median of %s runs (fresh repository for each full backup; the post-full repository restored before each incremental); all runs:' "$RUNS"
-    for op in restore verify; do for tool in cairn restic borg casync zstd; do printf ' %s/%s %s;' "$op" "$tool" "${ALL[$op|$tool]}"; done; done
+    for op in full incr restore verify; do for tool in cairn restic borg casync zstd; do
+        [ -n "${ALL[$op|$tool]:-}" ] && printf ' %s/%s %s;' "$op" "$tool" "${ALL[$op|$tool]}"
+    done; done
     echo
-    echo "Backups are single runs (full on a fresh repo, then incremental)."
     echo
     echo "## Commands (cwd = run dir, via \`/usr/bin/time -f '%e s %M KB' bash -c CMD\`)"
     echo

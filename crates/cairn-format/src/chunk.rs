@@ -80,13 +80,18 @@ impl ChunkCodec {
 
     /// Seals `plain` into a stored envelope, compressed when that is smaller.
     pub fn seal(&mut self, plain: &[u8]) -> std::io::Result<Vec<u8>> {
-        assert!(plain.len() <= MAX_PLAIN_LEN, "chunk larger than the format allows");
+        assert!(
+            plain.len() <= MAX_PLAIN_LEN,
+            "chunk larger than the format allows"
+        );
         // Compress into the reused scratch buffer (its spare capacity: no zero-filling,
         // no fresh pages), then copy what is kept into an exact-size envelope.
         let bound = zstd::zstd_safe::compress_bound(plain.len());
         self.scratch.clear();
         self.scratch.reserve(bound);
-        let n = self.compressor.compress_to_buffer(plain, &mut self.scratch)?;
+        let n = self
+            .compressor
+            .compress_to_buffer(plain, &mut self.scratch)?;
         let (compression, payload) = if n < plain.len() {
             (COMPRESSION_ZSTD, &self.scratch[..n])
         } else {

@@ -147,7 +147,8 @@ pub(crate) async fn write_chunks(
                 })
                 .await??;
                 progress.advance(covered);
-                let pending = since_flush.fetch_add(written, std::sync::atomic::Ordering::Relaxed) + written;
+                let pending =
+                    since_flush.fetch_add(written, std::sync::atomic::Ordering::Relaxed) + written;
                 if pending >= FLUSH_EVERY {
                     since_flush.store(0, std::sync::atomic::Ordering::Relaxed);
                     image.flush_behind(flushing);

@@ -404,6 +404,14 @@ async fn run_gc(
     Ok(report)
 }
 
+async fn resolve_all(s: &Space, ids: &[String]) -> Result<Vec<cairn_format::id::PointId>> {
+    let mut resolved = Vec::with_capacity(ids.len());
+    for id in ids {
+        resolved.push(s.resolve_point(id).await?);
+    }
+    Ok(resolved)
+}
+
 fn disk_name_of(path: &std::path::Path) -> Result<String> {
     let stem = path
         .file_stem()
@@ -678,10 +686,7 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
         }
         PointCommand::Verify { space, ids, run } => {
             let s = open(&space).await?;
-            let mut resolved = Vec::new();
-            for id in &ids {
-                resolved.push(s.resolve_point(id).await?);
-            }
+            let resolved = resolve_all(&s, &ids).await?;
             let report =
                 cairn_store::verify::verify(&s, &resolved, run.concurrency(), &run.bar()).await?;
             if run.json {
@@ -722,10 +727,7 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
         }
         PointCommand::Delete { space, ids, json } => {
             let s = open(&space).await?;
-            let mut resolved = Vec::new();
-            for id in &ids {
-                resolved.push(s.resolve_point(id).await?);
-            }
+            let resolved = resolve_all(&s, &ids).await?;
             let deleted = cairn_store::gc::delete_points(&s, &resolved).await?;
             if json {
                 print_json(&serde_json::json!({"deleted": deleted}))?;

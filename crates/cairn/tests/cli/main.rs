@@ -3,6 +3,7 @@
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
+mod block;
 mod common;
 mod crash;
 mod input;
