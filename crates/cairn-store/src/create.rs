@@ -81,11 +81,23 @@ impl CreateOptions {
     }
 }
 
-/// The operator recorded when none is given: the login name.
+/// The operator recorded when none is given: the login name (from the environment, or
+/// the user database for this process's uid).
 pub fn default_operator() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+    if let Ok(name) = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        return name;
+    }
+    let uid = rustix::process::getuid().as_raw();
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut f = line.split(':');
+                let name = f.next()?;
+                (f.nth(1)? == uid.to_string()).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
 }
 
 /// Chunks in flight by default: enough to keep every core and the storage busy.
