@@ -1,0 +1,188 @@
+//! What an NBD export is backed by: the [`BlockExport`] trait, and [`FileExport`], a raw
+//! file or block device on the local machine.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::handshake::ExportInfo;
+use crate::proto::{STATE_HOLE, STATE_ZERO};
+
+/// One extent of `base:allocation`: `len` bytes with `flags` (`STATE_HOLE`, `STATE_ZERO`).
+pub type Extent = (u32, u32);
+
+/// The storage behind one export. Offsets and lengths are already checked against the
+/// export's size by the server loop.
+#[async_trait::async_trait]
+pub trait BlockExport: Send + Sync {
+    fn info(&self) -> ExportInfo;
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>>;
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()>;
+    async fn flush(&self) -> std::io::Result<()>;
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()>;
+    /// Zeroes a range; `may_punch` when the client allows a hole (no `NO_HOLE` flag).
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> std::io::Result<()>;
+    /// Extents covering `[offset, offset + len)` from its start (the last may be short of
+    /// the end; at least one).
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<Extent>>;
+}
+
+/// A raw file (or block device) exported as is.
+pub struct FileExport {
+    file: Arc<File>,
+    info: ExportInfo,
+}
+
+impl FileExport {
+    pub fn open(
+        path: &std::path::Path,
+        name: &str,
+        read_only: bool,
+    ) -> std::io::Result<FileExport> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))?;
+        Ok(FileExport {
+            file: Arc::new(file),
+            info: ExportInfo {
+                name: name.to_string(),
+                description: path.display().to_string(),
+                size,
+                read_only,
+                // One file, one page cache: writes on any connection are visible to all,
+                // and fdatasync covers them all.
+                multi_conn: true,
+            },
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || f(&file))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+    rustix::fs::fallocate(file, flags, offset, len)?;
+    Ok(())
+}
+
+fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
+    if rustix::fs::fallocate(file, flags, offset, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).unwrap_or(1 << 20)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn extents(file: &File, offset: u64, len: u32) -> std::io::Result<Vec<Extent>> {
+    use rustix::fs::{SeekFrom, seek};
+    let end = offset + u64::from(len);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < 1024 {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => end,
+            // No hole support here: all data.
+            Err(_) => return Ok(vec![(len, 0)]),
+        };
+        let (stop, flags) = if data > pos {
+            (data.min(end), STATE_HOLE | STATE_ZERO)
+        } else {
+            let hole = seek(file, SeekFrom::Hole(pos)).unwrap_or(end);
+            (hole.min(end), 0)
+        };
+        // Each extent is at most `len` long, which fits u32.
+        out.push((u32::try_from(stop - pos).unwrap_or(u32::MAX), flags));
+        pos = stop;
+    }
+    Ok(out)
+}
+
+#[async_trait::async_trait]
+impl BlockExport for FileExport {
+    fn info(&self) -> ExportInfo {
+        self.info.clone()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        self.blocking(move |f| {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        self.blocking(move |f| {
+            f.write_all_at(&data, offset)?;
+            if fua {
+                rustix::fs::fdatasync(f)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        self.blocking(|f| Ok(rustix::fs::fdatasync(f)?)).await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
+        self.blocking(move |f| {
+            // Trim is advisory: a filesystem that cannot punch simply keeps the data.
+            let _ = punch(f, offset, u64::from(len));
+            if fua {
+                rustix::fs::fdatasync(f)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.blocking(move |f| {
+            if !(may_punch && punch(f, offset, u64::from(len)).is_ok()) {
+                zero_range(f, offset, u64::from(len))?;
+            }
+            if fua {
+                rustix::fs::fdatasync(f)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<Extent>> {
+        self.blocking(move |f| extents(f, offset, len)).await
+    }
+}
