@@ -40,20 +40,21 @@ pub struct PointStats {
 
 impl PointStats {
     pub fn add(&mut self, o: &PointStats) {
-        self.bytes_total += o.bytes_total;
-        self.bytes_read += o.bytes_read;
-        self.bytes_new += o.bytes_new;
-        self.bytes_written += o.bytes_written;
-        self.chunks_total += o.chunks_total;
-        self.chunks_new += o.chunks_new;
-        self.chunks_reused += o.chunks_reused;
-        self.chunks_zero += o.chunks_zero;
+        self.bytes_total = self.bytes_total.saturating_add(o.bytes_total);
+        self.bytes_read = self.bytes_read.saturating_add(o.bytes_read);
+        self.bytes_new = self.bytes_new.saturating_add(o.bytes_new);
+        self.bytes_written = self.bytes_written.saturating_add(o.bytes_written);
+        self.chunks_total = self.chunks_total.saturating_add(o.chunks_total);
+        self.chunks_new = self.chunks_new.saturating_add(o.chunks_new);
+        self.chunks_reused = self.chunks_reused.saturating_add(o.chunks_reused);
+        self.chunks_zero = self.chunks_zero.saturating_add(o.chunks_zero);
     }
 
     /// Non-zero logical bytes per new plain byte (how much deduplication saved).
     #[allow(clippy::cast_precision_loss)]
     pub fn dedup_ratio(&self, chunk_size: u32) -> f64 {
-        let nonzero = (self.chunks_total - self.chunks_zero) as f64 * f64::from(chunk_size);
+        let nonzero =
+            self.chunks_total.saturating_sub(self.chunks_zero) as f64 * f64::from(chunk_size);
         let nonzero = nonzero.min(self.bytes_total as f64);
         if self.bytes_new == 0 {
             if nonzero == 0.0 { 1.0 } else { f64::INFINITY }

@@ -245,23 +245,39 @@ pub async fn create_point(
     if let Some(server) = &opts.server {
         cairn_format::name::validate("server", server)?;
     }
-    let parent = match &opts.parent {
-        ParentChoice::None => None,
-        // The newest point of the same server (or of no server, for loose images).
-        ParentChoice::Latest => space
-            .list_points()
-            .await?
-            .into_iter()
-            .rev()
-            .find(|p| p.server == opts.server),
-        ParentChoice::Id(id) => Some(space.load_point(id).await?),
-    };
 
+    // Under the lease from here on: the parent chosen below, and every chunk found in the
+    // space, stay there until the record is committed (GC cannot sweep meanwhile).
     let lease = lock::acquire_writer(space.backend(), "point create", opts.lease_wait).await?;
-    let result = write_point(space, opts, &images, parent.as_ref(), progress).await;
+    let result = async {
+        let parent = match &opts.parent {
+            ParentChoice::None => None,
+            // The newest point of the same server (or of no server, for loose images).
+            ParentChoice::Latest => space
+                .list_points()
+                .await?
+                .into_iter()
+                .rev()
+                .find(|p| p.server == opts.server),
+            ParentChoice::Id(id) => Some(space.load_point(id).await.map_err(|e| match e {
+                SpaceError::PointNotFound(_) => {
+                    SpaceError::PointNotFound(format!("{id} (the parent; deleted meanwhile?)"))
+                }
+                other => other,
+            })?),
+        };
+        write_point(space, opts, &images, parent.as_ref(), &lease, progress).await
+    }
+    .await;
     let released = lease.release().await;
     let record = result?;
-    released?;
+    if let Err(e) = released {
+        // The point is committed; a lease left behind goes stale and is removed.
+        tracing::warn!(
+            "point {} committed, but its lease was not released: {e}",
+            record.id
+        );
+    }
     Ok(record)
 }
 
@@ -270,6 +286,7 @@ async fn write_point(
     opts: &CreateOptions,
     images: &[Image],
     parent: Option<&PointRecord>,
+    lease: &lock::Lease,
     progress: &dyn Progress,
 ) -> Result<PointRecord, SpaceError> {
     let started = Instant::now();
@@ -376,7 +393,9 @@ async fn write_point(
         disks,
         stats,
     };
-    // The commit: the point exists from here on.
+    // The commit: the point exists from here on. Only while the lease provably stands:
+    // otherwise GC may have swept chunks this point reuses.
+    lease.check().await?;
     space
         .backend()
         .put(

@@ -121,6 +121,8 @@ pub enum SpaceError {
         holder: String,
         waited_s: u64,
     },
+    #[error("lost lease {lease} ({why}); nothing was committed, run the operation again")]
+    LeaseLost { lease: String, why: String },
     #[error("no --keep option given: refusing to remove every recovery point")]
     EmptyRetention,
     #[error("internal error: {0}")]
@@ -144,7 +146,7 @@ impl SpaceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SpaceError::Backend(e) => e.is_retryable(),
-            SpaceError::Busy { .. } => true,
+            SpaceError::Busy { .. } | SpaceError::LeaseLost { .. } => true,
             _ => false,
         }
     }

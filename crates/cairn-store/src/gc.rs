@@ -30,6 +30,14 @@ use crate::progress::Progress;
 use crate::retention::{PrunePlan, RetentionPolicy};
 use crate::space::{METADATA_CONCURRENCY, Space};
 
+/// The instant `age` ago (the beginning of time for absurdly long ages).
+pub(crate) fn before(age: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
 /// Deletes points (records first, then their indexes). Returns the ids deleted.
 pub async fn delete_points(space: &Space, ids: &[PointId]) -> Result<Vec<PointId>, SpaceError> {
     for id in ids {
@@ -123,7 +131,16 @@ async fn mark(
         let Some(record) = record else { continue };
         for d in &record.disks {
             // A damaged index stops GC: without it, nothing can be known unreferenced.
-            let index = space.load_index(&record, d).await?;
+            // (A point deleted while we mark is simply skipped.)
+            let index = match space.load_index(&record, d).await {
+                Ok(index) => index,
+                Err(SpaceError::DamagedIndex { .. })
+                    if crate::verify::deleted_meanwhile(space, &record.id).await? =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             into.extend(
                 index
                     .chunks
@@ -151,7 +168,7 @@ pub async fn gc(
     let mut estimate: u64 = 0;
     for id in &ids0 {
         if let Ok(r) = space.load_point(id).await {
-            estimate += r.stats.chunks_total;
+            estimate = estimate.saturating_add(r.stats.chunks_total);
         }
     }
     let passes = usize::try_from(estimate.div_ceil(opts.max_ids_per_pass.max(1) as u64))
@@ -195,7 +212,10 @@ pub async fn gc(
             continue;
         }
         let lease = acquire_lease(space, opts, &mut report).await?;
-        let swept = sweep(space, &ids0, &shards, candidates).await;
+        let swept = match lease.check().await {
+            Ok(()) => sweep(space, &ids0, &shards, candidates).await,
+            Err(e) => Err(e),
+        };
         let released = lease.release().await;
         let (n, bytes) = swept?;
         released?;
@@ -210,6 +230,11 @@ pub async fn gc(
         let released = lease.release().await;
         cleaned?;
         released?;
+        // Staging files of interrupted writes: not under the lease (the walk can be long
+        // on a large space, and writers must not wait for it); old enough (ten minutes at
+        // least) that no running write can still own them.
+        let age = opts.grace.max(Duration::from_secs(600));
+        report.incomplete_removed = space.backend().remove_incomplete(before(age)).await?;
     }
     if report.reserve_used {
         // Put the room back for next time, if there is room again.
@@ -282,12 +307,6 @@ async fn clean_leftovers(
 ) -> Result<(), SpaceError> {
     report.indexes_deleted = remove_orphan_indexes(space, opts).await?;
     report.leases_removed = lock::remove_stale(space.backend()).await?;
-    // Staging files of interrupted writes: at least a minute old, so that a lease being
-    // written right now by a writer about to back off is never cut.
-    let age = opts.grace.max(Duration::from_secs(60));
-    let cutoff =
-        chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
-    report.incomplete_removed = space.backend().remove_incomplete(cutoff).await?;
     Ok(())
 }
 
@@ -329,7 +348,11 @@ pub async fn prune_plan(space: &Space, policy: &RetentionPolicy) -> Result<Prune
         .list_points()
         .await?
         .into_iter()
-        .map(|r| (r.id, r.snapshot_at))
+        .map(|r| crate::retention::Candidate {
+            id: r.id,
+            server: r.server,
+            snapshot_at: r.snapshot_at,
+        })
         .collect();
     crate::retention::plan(&points, policy)
 }

@@ -27,13 +27,24 @@ impl Image {
         Self::from_file(path, file)
     }
 
-    /// Opens an existing image to read and write.
+    /// Opens an existing image to read and write. A block device is opened exclusively
+    /// (`O_EXCL`): the kernel then refuses one that is mounted or otherwise in use.
     pub fn open_rw(path: &Path) -> Result<Image, SpaceError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| SpaceError::image("cannot open image for writing", path, e))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if is_block {
+            options.custom_flags(i32::try_from(rustix::fs::OFlags::EXCL.bits()).unwrap_or(0));
+        }
+        let file = options.open(path).map_err(|e| {
+            let what = if e.raw_os_error() == Some(16) {
+                "block device is in use (mounted?), refusing to write"
+            } else {
+                "cannot open image for writing"
+            };
+            SpaceError::image(what, path, e)
+        })?;
         Self::from_file(path, file)
     }
 

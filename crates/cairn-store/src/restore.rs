@@ -167,7 +167,10 @@ fn temp_beside(target: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "disk".into());
-    target.with_file_name(format!(".{name}.cairn-restore-{}", std::process::id()))
+    target.with_file_name(format!(
+        ".{name}.cairn-restore-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
 }
 
 /// Restores one disk of a point to `target`. See the module documentation.
@@ -180,6 +183,23 @@ pub async fn restore_disk(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, SpaceError> {
     let disk = Space::choose_disk(record, disk)?;
+    let lease =
+        crate::lock::acquire_reader(space.backend(), "restore", crate::lock::DEFAULT_WAIT).await?;
+    let result = restore_locked(space, record, disk, target, opts, progress).await;
+    crate::lock::release_quietly(lease).await;
+    result
+}
+
+async fn restore_locked(
+    space: &Space,
+    record: &PointRecord,
+    disk: &DiskRecord,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, SpaceError> {
+    // Still there? (It may have been deleted before the lease was taken.)
+    space.load_point(&record.id).await?;
     let index = space.load_index(record, disk).await?;
     let existing = std::fs::metadata(target).ok();
     if existing.is_some() && !opts.force {
@@ -187,6 +207,15 @@ pub async fn restore_disk(
             path: target.to_path_buf(),
         });
     }
+    // Through a symlink, replace what it points to, not the link.
+    let resolved;
+    let target = if existing.is_some() {
+        resolved = std::fs::canonicalize(target)
+            .map_err(|e| SpaceError::image("cannot resolve", target, e))?;
+        resolved.as_path()
+    } else {
+        target
+    };
     let is_block = existing
         .as_ref()
         .is_some_and(|m| m.file_type().is_block_device());
@@ -234,7 +263,19 @@ pub async fn restore_disk(
         let result = restore_to_new_file(
             space, record, disk, &index, positions, &temp, opts, progress,
         )
-        .await;
+        .await
+        .and_then(|r| {
+            // A replaced file keeps its mode and owner (qemu or libvirt must still open it).
+            if let Some(old) = &existing {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::set_permissions(&temp, old.permissions())
+                    .and_then(|()| {
+                        std::os::unix::fs::chown(&temp, Some(old.uid()), Some(old.gid()))
+                    })
+                    .map_err(|e| SpaceError::image("cannot copy owner and mode to", &temp, e))?;
+            }
+            Ok(r)
+        });
         match result {
             Ok(r) => {
                 std::fs::rename(&temp, target)

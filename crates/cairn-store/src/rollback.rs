@@ -121,6 +121,21 @@ pub async fn apply_rollback(
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<RollbackReport, SpaceError> {
+    let lease =
+        crate::lock::acquire_reader(space.backend(), "rollback", crate::lock::DEFAULT_WAIT).await?;
+    let result = apply_locked(space, record, plan, concurrency, progress).await;
+    crate::lock::release_quietly(lease).await;
+    result
+}
+
+async fn apply_locked(
+    space: &Space,
+    record: &PointRecord,
+    plan: &RollbackPlan,
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<RollbackReport, SpaceError> {
+    space.load_point(&record.id).await?;
     let disk = Space::choose_disk(record, Some(&plan.disk))?;
     let index: DiskIndex = space.load_index(record, disk).await?;
     let image = Image::open_rw(&plan.image)?;

@@ -56,6 +56,28 @@ pub async fn verify(
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, SpaceError> {
+    let lease =
+        crate::lock::acquire_reader(space.backend(), "verify", crate::lock::DEFAULT_WAIT).await?;
+    let result = verify_locked(space, points, concurrency, progress).await;
+    crate::lock::release_quietly(lease).await;
+    result
+}
+
+/// Whether a point's record is gone (deleted while we looked), as opposed to damaged.
+pub(crate) async fn deleted_meanwhile(space: &Space, id: &PointId) -> Result<bool, SpaceError> {
+    Ok(space
+        .backend()
+        .stat(&cairn_format::layout::record_key(id))
+        .await?
+        .is_none())
+}
+
+async fn verify_locked(
+    space: &Space,
+    points: &[PointId],
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, SpaceError> {
     let mut report = VerifyReport::default();
     let records: Vec<PointRecord> = if points.is_empty() {
         space.list_points().await?
@@ -90,6 +112,7 @@ pub async fn verify(
                         }
                     }
                 }
+                Err(SpaceError::DamagedIndex { .. }) if deleted_meanwhile(space, &r.id).await? => {}
                 Err(e @ SpaceError::DamagedIndex { .. }) => report.damage.push(Damage {
                     chunk: None,
                     problem: e.to_string(),

@@ -137,9 +137,35 @@ impl Backend for ObjectStoreBackend {
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         match self.store.delete(&path(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(map_error(key, e)),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(map_error(key, e)),
         }
+        // On a local folder a deletion is durable only once its directory is synced: a
+        // deleted record must not come back after a power loss once its indexes or
+        // chunks are gone.
+        // (A chunk that comes back is only garbage again: no sync needed.)
+        if let Some(root) = self
+            .local_root
+            .as_ref()
+            .filter(|_| !key.starts_with("chunks/"))
+        {
+            let dir = root.join(key).parent().map(FsPath::to_path_buf);
+            if let Some(dir) = dir {
+                tokio::task::spawn_blocking(move || match std::fs::File::open(&dir) {
+                    Ok(d) => d.sync_all(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                })
+                .await
+                .map_err(|e| BackendError::Io {
+                    key: key.to_string(),
+                    detail: e.to_string(),
+                    retryable: false,
+                })?
+                .map_err(|e| map_io(key, &e))?;
+            }
+        }
+        Ok(())
     }
 
     async fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, BackendError> {
@@ -199,19 +225,33 @@ impl Backend for ObjectStoreBackend {
 }
 
 /// Removes the staging files (`<name>#<n>`) that a killed writer left under `dir`.
+/// Files that vanish meanwhile (a write completing) are not an error.
 fn remove_staging(dir: &FsPath, cutoff: std::time::SystemTime) -> std::io::Result<u64> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut removed = 0;
-    for entry in std::fs::read_dir(dir)? {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if gone(&e) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
-        let ft = entry.file_type()?;
+        let Ok(ft) = entry.file_type() else { continue };
         if ft.is_dir() {
             removed += remove_staging(&entry.path(), cutoff)?;
-        } else if ft.is_file()
-            && entry.file_name().to_string_lossy().contains('#')
-            && entry.metadata()?.modified()? < cutoff
-        {
-            std::fs::remove_file(entry.path())?;
-            removed += 1;
+        } else if ft.is_file() && entry.file_name().to_string_lossy().contains('#') {
+            let old = match entry.metadata().and_then(|m| m.modified()) {
+                Ok(t) => t < cutoff,
+                Err(e) if gone(&e) => false,
+                Err(e) => return Err(e),
+            };
+            if old {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
     Ok(removed)

@@ -112,7 +112,7 @@ fn killed_create_delete_gc_leave_a_consistent_space() {
     ok(&["space", "gc", p(&space), "--grace", "0s"]);
     ok(&["point", "verify", p(&space)]);
     // Killed writers' leases block no one and are gone; their staging files are removed
-    // once a minute old (backdated here).
+    // once ten minutes old (backdated here).
     let leftovers = |ext: &str| -> Vec<std::path::PathBuf> {
         let mut v = Vec::new();
         let mut stack = vec![space.clone()];
@@ -138,7 +138,7 @@ fn killed_create_delete_gc_leave_a_consistent_space() {
     let staged = leftovers("#");
     for f in &staged {
         let s = std::process::Command::new("touch")
-            .args(["-d", "2 minutes ago"])
+            .args(["-d", "20 minutes ago"])
             .arg(f)
             .status()
             .unwrap();

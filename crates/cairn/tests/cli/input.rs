@@ -84,6 +84,23 @@ fn init_twice_and_bad_settings() {
 }
 
 #[test]
+fn absurd_durations_do_not_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (space, _) = space_with_point(dir.path());
+    ok(&["space", "gc", p(&space), "--grace", "100000years"]);
+    ok(&[
+        "space",
+        "prune",
+        p(&space),
+        "--keep-within",
+        "100000years",
+        "--dry-run",
+    ]);
+    let r = run(&["space", "gc", p(&space), "--grace", "soon"]);
+    assert_eq!(r.code, 2, "a bad duration is a usage error");
+}
+
+#[test]
 fn unknown_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (space, _) = space_with_point(dir.path());
