@@ -176,8 +176,7 @@ pub async fn gc(
         .clamp(1, 256);
     report.passes = passes;
     progress.start("gc", 256);
-    let cutoff = chrono::Utc::now()
-        - chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
+    let cutoff = before(opts.grace);
     for pass in 0..passes {
         let lo = u8::try_from(pass * 256 / passes).expect("shard");
         let hi = u8::try_from((pass + 1) * 256 / passes - 1).expect("shard");
@@ -313,8 +312,7 @@ async fn clean_leftovers(
 /// Deletes indexes left by a writer that died before its record (older than the grace
 /// period, and with no record).
 async fn remove_orphan_indexes(space: &Space, opts: &GcOptions) -> Result<u64, SpaceError> {
-    let cutoff = chrono::Utc::now()
-        - chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
+    let cutoff = before(opts.grace);
     let points: HashSet<PointId> = space.point_ids().await?.into_iter().collect();
     let listing: Vec<_> = space
         .backend()
