@@ -386,7 +386,7 @@ async fn run_gc(
         dry_run,
         ..GcOptions::default()
     };
-    let report = cairn_store::gc::gc(s, &opts, &cairn_store::progress::NoProgress).await?;
+    let report = cairn_store::gc::gc(s, &opts, &Bar::new(json)).await?;
     if !json {
         println!(
             "gc: {} points, {} chunks seen, {} referenced; deleted {} chunks ({} freed); {} unreferenced kept in the {} grace period; {} orphan indexes and {} stale leases removed",
