@@ -212,15 +212,7 @@ mod tests {
 
     #[test]
     fn incompressible_is_stored_raw() {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let data: Vec<u8> = (0..100_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()[3]
-            })
-            .collect();
+        let data = crate::testdata::noise(1, 100_000);
         let mut c = ChunkCodec::new(1).unwrap();
         let sealed = c.seal(&data).unwrap();
         let h = check_stored(&sealed).unwrap();

@@ -28,4 +28,5 @@ pub mod index;
 pub mod layout;
 pub mod name;
 pub mod record;
+pub mod testdata;
 pub mod zero;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use cairn_format::id::{ChunkId, PointId};
 use cairn_format::index::DiskIndex;
 use cairn_format::layout;
-use cairn_format::record::PointRecord;
+use cairn_format::record::{DiskRecord, PointRecord};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::error::SpaceError;
@@ -46,6 +46,20 @@ pub struct RollbackReport {
     pub bytes_read: u64,
 }
 
+/// Rollback never changes a disk's size: an image of another size is refused.
+fn same_size(image: &Image, record: &PointRecord, disk: &DiskRecord) -> Result<(), SpaceError> {
+    if image.size == disk.size {
+        return Ok(());
+    }
+    Err(SpaceError::SizeMismatch {
+        path: image.path.clone(),
+        image_size: image.size,
+        disk: disk.name.clone(),
+        point: record.id,
+        point_size: disk.size,
+    })
+}
+
 /// Computes what rolling `image` back to `disk` of `record` would rewrite.
 pub async fn plan_rollback(
     space: &Space,
@@ -57,15 +71,7 @@ pub async fn plan_rollback(
 ) -> Result<RollbackPlan, SpaceError> {
     let disk = Space::choose_disk(record, disk)?;
     let image = Image::open_read(image_path)?;
-    if image.size != disk.size {
-        return Err(SpaceError::SizeMismatch {
-            path: image_path.to_path_buf(),
-            image_size: image.size,
-            disk: disk.name.clone(),
-            point: record.id,
-            point_size: disk.size,
-        });
-    }
+    same_size(&image, record, disk)?;
     let index = space.load_index(record, disk).await?;
     progress.start("compare", disk.size);
     let index_ref = &index;
@@ -139,15 +145,7 @@ async fn apply_locked(
     let disk = Space::choose_disk(record, Some(&plan.disk))?;
     let index: DiskIndex = space.load_index(record, disk).await?;
     let image = Image::open_rw(&plan.image)?;
-    if image.size != disk.size {
-        return Err(SpaceError::SizeMismatch {
-            path: plan.image.clone(),
-            image_size: image.size,
-            disk: disk.name.clone(),
-            point: record.id,
-            point_size: disk.size,
-        });
-    }
+    same_size(&image, record, disk)?;
     // Refuse before writing anything if a needed chunk is gone.
     let backend = space.backend().clone();
     let groups = crate::fetch::group_by_chunk(plan.differing.iter().copied());

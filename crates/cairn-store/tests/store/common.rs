@@ -1,3 +1,4 @@
+pub use cairn_format::testdata::noise;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,19 +36,6 @@ pub async fn mem_space() -> Space {
     )
     .await
     .unwrap()
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[5]
-        })
-        .collect()
 }
 
 pub async fn point_of(space: &Space, disks: &[(&str, &Path)], parent: ParentChoice) -> PointRecord {

@@ -1,3 +1,4 @@
+pub use cairn_format::testdata::noise;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -39,19 +40,6 @@ pub fn json(args: &[&str]) -> serde_json::Value {
 
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[5]
-        })
-        .collect()
 }
 
 /// A sparse image with some data regions.
