@@ -7,6 +7,7 @@
 //! indexes/<point id>/<disk>.idx        disk indexes, one per disk per recovery point
 //! points/<point id>.json               recovery point records (written last)
 //! locks/<uuid>.json                    leases of running writers and of GC
+//! damaged/<64 hex>.json                quarantine markers of damaged chunks (verify --repair)
 //! reserve.bin                          64 KiB of reserved room, freed by GC on a full store
 //! ```
 
@@ -20,6 +21,7 @@ pub const CHUNKS_PREFIX: &str = "chunks/";
 pub const INDEXES_PREFIX: &str = "indexes/";
 pub const POINTS_PREFIX: &str = "points/";
 pub const LOCKS_PREFIX: &str = "locks/";
+pub const DAMAGED_PREFIX: &str = "damaged/";
 
 pub fn chunk_key(id: &ChunkId) -> String {
     let hex = id.to_hex();
@@ -41,6 +43,18 @@ pub fn index_prefix(point: &PointId) -> String {
 
 pub fn record_key(point: &PointId) -> String {
     format!("points/{point}.json")
+}
+
+pub fn damaged_key(id: &ChunkId) -> String {
+    format!("damaged/{}.json", id.to_hex())
+}
+
+/// Parses a quarantine marker key back into the chunk id.
+pub fn parse_damaged_key(key: &str) -> Option<ChunkId> {
+    key.strip_prefix(DAMAGED_PREFIX)?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
 }
 
 pub fn lock_key(lease: &uuid::Uuid) -> String {

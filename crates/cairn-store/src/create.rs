@@ -148,6 +148,8 @@ struct Writer {
     pool: Arc<BufferPool>,
     /// Chunks known to be in the space: the parent's, and those handled so far.
     known: Mutex<HashSet<ChunkId>>,
+    /// Chunks quarantined as damaged: never trusted, stored again when met.
+    quarantined: HashSet<ChunkId>,
 }
 
 enum Outcome {
@@ -186,7 +188,8 @@ impl Writer {
         let Some(buf) = buf else {
             return Ok((id, Outcome::Zero, read));
         };
-        if parent == Some(id) || self.known.lock().expect("poisoned").contains(&id) {
+        let suspect = self.quarantined.contains(&id);
+        if !suspect && (parent == Some(id) || self.known.lock().expect("poisoned").contains(&id)) {
             self.pool.give(buf);
             return Ok((id, Outcome::Reused, read));
         }
@@ -221,6 +224,11 @@ impl Writer {
             Err(BackendError::AlreadyExists { .. }) => Outcome::Reused,
             Err(e) => return Err(e.into()),
         };
+        if suspect {
+            // Stored again from good data: the quarantine is over (this heals every
+            // point that references the chunk).
+            self.backend.delete(&layout::damaged_key(&id)).await?;
+        }
         self.known.lock().expect("poisoned").insert(id);
         Ok((id, outcome, read))
     }
@@ -311,6 +319,7 @@ async fn write_point(
         cpu: tokio::sync::Semaphore::new(cpu_slots()),
         pool: BufferPool::new(chunk_size as usize, concurrency),
         known: Mutex::new(known),
+        quarantined: crate::verify::quarantined(space).await?,
     };
 
     let total: u64 = images.iter().map(|i| i.size).sum();

@@ -41,6 +41,51 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     pub damage: Vec<Damage>,
+    /// Damaged chunks quarantined (with `repair`): the next point that reads the same
+    /// data stores them again, which heals every point that references them.
+    pub quarantined: u64,
+}
+
+/// The quarantine marker of a damaged chunk (`damaged/<id>.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuarantineMarker {
+    pub chunk: ChunkId,
+    pub problem: String,
+    pub found_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Ids of quarantined chunks: writers must not trust that these exist.
+pub async fn quarantined(space: &Space) -> Result<std::collections::HashSet<ChunkId>, SpaceError> {
+    use futures::TryStreamExt;
+    Ok(space
+        .backend()
+        .list(cairn_format::layout::DAMAGED_PREFIX)
+        .try_filter_map(|o| async move { Ok(cairn_format::layout::parse_damaged_key(&o.key)) })
+        .try_collect()
+        .await?)
+}
+
+/// Quarantines a damaged chunk: the marker first (so no writer trusts the id any more),
+/// then the damaged object goes.
+async fn quarantine(space: &Space, id: ChunkId, problem: &str) -> Result<(), SpaceError> {
+    let marker = QuarantineMarker {
+        chunk: id,
+        problem: problem.to_string(),
+        found_at: chrono::Utc::now(),
+    };
+    space
+        .backend()
+        .put(
+            &cairn_format::layout::damaged_key(&id),
+            bytes::Bytes::from(serde_json::to_vec_pretty(&marker).expect("marker serializes")),
+            crate::backend::PutMode::Overwrite,
+        )
+        .await?;
+    space
+        .backend()
+        .delete(&cairn_format::layout::chunk_key(&id))
+        .await?;
+    Ok(())
 }
 
 impl VerifyReport {
@@ -56,9 +101,37 @@ pub async fn verify(
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, SpaceError> {
+    verify_and_repair(space, points, false, concurrency, progress).await
+}
+
+/// Verifies, and with `repair` quarantines every damaged chunk (see [`VerifyReport`]).
+pub async fn verify_and_repair(
+    space: &Space,
+    points: &[PointId],
+    repair: bool,
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, SpaceError> {
     let lease =
         crate::lock::acquire_reader(space.backend(), "verify", crate::lock::DEFAULT_WAIT).await?;
-    let result = verify_locked(space, points, concurrency, progress).await;
+    let result = match verify_locked(space, points, concurrency, progress).await {
+        Ok(mut report) if repair => {
+            let mut outcome = Ok(());
+            for id in report
+                .damage
+                .iter()
+                .filter_map(|d| d.chunk.map(|c| (c, d.problem.clone())))
+            {
+                outcome = quarantine(space, id.0, &id.1).await;
+                if outcome.is_err() {
+                    break;
+                }
+                report.quarantined += 1;
+            }
+            outcome.map(|()| report)
+        }
+        other => other,
+    };
     crate::lock::release_quietly(lease).await;
     result
 }

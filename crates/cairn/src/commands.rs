@@ -185,6 +185,10 @@ enum PointCommand {
     Verify {
         space: String,
         ids: Vec<String>,
+        /// Quarantine damaged chunks, so that the next point of the same data stores them
+        /// again (which heals every point that references them).
+        #[arg(long)]
+        repair: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -684,11 +688,22 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
                 );
             }
         }
-        PointCommand::Verify { space, ids, run } => {
+        PointCommand::Verify {
+            space,
+            ids,
+            repair,
+            run,
+        } => {
             let s = open(&space).await?;
             let resolved = resolve_all(&s, &ids).await?;
-            let report =
-                cairn_store::verify::verify(&s, &resolved, run.concurrency(), &run.bar()).await?;
+            let report = cairn_store::verify::verify_and_repair(
+                &s,
+                &resolved,
+                repair,
+                run.concurrency(),
+                &run.bar(),
+            )
+            .await?;
             if run.json {
                 print_json(&report)?;
             } else {
@@ -719,6 +734,16 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
                     println!("no damage found");
                 } else {
                     println!("{} problems found", report.damage.len());
+                }
+                if report.quarantined > 0 {
+                    println!(
+                        "quarantined {} damaged chunks: the next point of the same disks stores them again, which heals every point listed above; until then, restore those ranges from another point",
+                        report.quarantined
+                    );
+                } else if !report.is_clean() && !repair {
+                    println!(
+                        "run again with --repair to quarantine the damaged chunks, so that the next point stores them again"
+                    );
                 }
             }
             if !report.is_clean() {

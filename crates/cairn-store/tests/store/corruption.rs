@@ -228,3 +228,50 @@ fn damaged_index_and_record() {
         assert!(e.is_damage() && e.to_string().contains("record"), "{e}");
     });
 }
+
+#[test]
+fn repair_quarantines_and_the_next_point_heals_every_point() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (space, data, p1, p2) = setup(dir.path()).await;
+        let (id, path) = chunk3_path(dir.path(), &data);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let r = cairn_store::verify::verify_and_repair(&space, &[], true, 4, &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(r.quarantined, 1);
+        assert!(!path.exists(), "the damaged object is gone");
+        assert!(
+            dir.path()
+                .join(format!("space/damaged/{}.json", id.to_hex()))
+                .exists()
+        );
+        // The next point of the same data (incremental: its parent names the chunk)
+        // stores the chunk again instead of trusting the parent.
+        let img = dir.path().join("root.img");
+        let p3 = point_of(&space, &[("root", &img)], ParentChoice::Latest).await;
+        assert_eq!(p3.parent, Some(p2.id));
+        assert_eq!(
+            p3.stats.chunks_new, 1,
+            "only the quarantined chunk is stored again"
+        );
+        assert!(
+            !dir.path()
+                .join(format!("space/damaged/{}.json", id.to_hex()))
+                .exists()
+        );
+        // Every point is whole again.
+        assert!(
+            verify(&space, &[], 4, &NoProgress)
+                .await
+                .unwrap()
+                .is_clean()
+        );
+        assert_eq!(restored(&space, &p2, "root", dir.path()).await, data);
+        let mut first = data.clone();
+        first[0] ^= 1;
+        assert_eq!(restored(&space, &p1, "root", dir.path()).await, first);
+    });
+}

@@ -241,6 +241,32 @@ fn damage_exits_3() {
         r.stderr
     );
     assert!(!target.exists());
+
+    // Repair: quarantine the damaged chunks; a new point of the same disk stores them
+    // again, which heals the old point.
+    let r = run(&["point", "verify", p(&space)]);
+    assert!(r.stdout.contains("run again with --repair"), "{}", r.stdout);
+    let r = run(&["point", "verify", p(&space), "--repair"]);
+    assert_eq!(
+        r.code, 3,
+        "the damage is there until the chunks are stored again"
+    );
+    assert!(r.stdout.contains("quarantined"), "{}", r.stdout);
+    let r = run(&["point", "restore", p(&space), &id, p(&target)]);
+    assert_eq!(r.code, 3);
+    assert!(
+        r.stderr.contains("is missing from the space"),
+        "{}",
+        r.stderr
+    );
+    let img = dir.path().join("disk.img");
+    ok(&["point", "create", p(&space), p(&img), "--parent", "latest"]);
+    ok(&["point", "verify", p(&space)]);
+    ok(&["point", "restore", p(&space), &id, p(&target)]);
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
 }
 
 #[test]
