@@ -33,6 +33,9 @@ pub trait BlockExport: Send + Sync {
     async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<Extent>>;
 }
 
+/// Requests up to this size do their file I/O inline on the runtime thread.
+const INLINE_IO: u32 = 256 * 1024;
+
 /// A raw file (or block device) exported as is.
 pub struct FileExport {
     file: Arc<File>,
@@ -128,23 +131,34 @@ impl BlockExport for FileExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-        self.blocking(move |f| {
+        let read = move |f: &File| {
             let mut buf = vec![0u8; len as usize];
             f.read_exact_at(&mut buf, offset)?;
             Ok(buf)
-        })
-        .await
+        };
+        if len <= INLINE_IO {
+            // A small read is a copy from the page cache (or one device read): cheaper
+            // than the hand-off to the blocking pool and back.
+            read(&self.file)
+        } else {
+            self.blocking(read).await
+        }
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
-        self.blocking(move |f| {
+        let inline = data.len() <= INLINE_IO as usize && !fua;
+        let write = move |f: &File| {
             f.write_all_at(&data, offset)?;
             if fua {
                 rustix::fs::fdatasync(f)?;
             }
             Ok(())
-        })
-        .await
+        };
+        if inline {
+            write(&self.file)
+        } else {
+            self.blocking(write).await
+        }
     }
 
     async fn flush(&self) -> std::io::Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use crate::export::BlockExport;
 use crate::handshake::{ExportCatalog, ExportInfo, Handshake, HandshakeStep, Negotiated};
@@ -154,17 +154,13 @@ async fn transmission<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
     let mut rd = std::io::Cursor::new(leftover.to_vec()).chain(rd);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT as usize);
-    let writer = tokio::spawn(async move {
-        while let Some(bytes) = rx.recv().await {
-            wr.write_all(&bytes).await?;
-        }
-        wr.flush().await?;
-        wr.shutdown().await
-    });
+    // Each request's task writes its own reply, whole, under this lock: replies go out in
+    // completion order without a hop through a writer task.
+    let wr = Arc::new(tokio::sync::Mutex::new(wr));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
+    let failed = Arc::new(std::sync::Mutex::new(None::<std::io::Error>));
     let neg = Arc::new(neg);
     let result = async {
         loop {
@@ -181,21 +177,38 @@ where
             if req.command == CMD_DISC {
                 return Ok(());
             }
+            if let Some(e) = failed.lock().expect("poisoned").take() {
+                return Err(ConnectionError::Io(e));
+            }
+            if slots.available_permits() == MAX_IN_FLIGHT as usize {
+                // Nothing else in flight (queue depth 1): serve it right here, saving a
+                // task hand-off on the latency path.
+                let reply = handle(&*export, &neg, req, payload).await;
+                wr.lock().await.write_all(&reply).await?;
+                continue;
+            }
             let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-            let (export, neg, tx) = (export.clone(), neg.clone(), tx.clone());
+            let (export, neg, wr, failed) =
+                (export.clone(), neg.clone(), wr.clone(), failed.clone());
             tokio::spawn(async move {
                 let reply = handle(&*export, &neg, req, payload).await;
-                let _ = tx.send(reply).await;
+                if let Err(e) = wr.lock().await.write_all(&reply).await {
+                    *failed.lock().expect("poisoned") = Some(e);
+                }
                 drop(permit);
             });
         }
     }
     .await;
-    // Let in-flight requests finish and their replies go out.
+    // Let in-flight requests finish and their replies go out, then close.
     let _ = slots.acquire_many(MAX_IN_FLIGHT).await;
-    drop(tx);
-    let written = writer.await.map_err(std::io::Error::other)?;
-    result.and(written.map_err(ConnectionError::from))
+    let mut wr = wr.lock().await;
+    let closed = async {
+        wr.flush().await?;
+        wr.shutdown().await
+    }
+    .await;
+    result.and(closed.map_err(ConnectionError::from))
 }
 
 fn errno_of(e: &std::io::Error) -> u32 {
