@@ -10,6 +10,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
+use cairn_format::zero::is_zero;
+
 use crate::export::BlockExport;
 use crate::handshake::{ExportCatalog, ExportInfo, Handshake, HandshakeStep, Negotiated};
 use crate::proto::*;
@@ -184,7 +186,7 @@ where
                 // Nothing else in flight (queue depth 1): serve it right here, saving a
                 // task hand-off on the latency path.
                 let reply = handle(&*export, &neg, req, payload).await;
-                wr.lock().await.write_all(&reply).await?;
+                reply.send(&mut *wr.lock().await).await?;
                 continue;
             }
             let permit = slots.clone().acquire_owned().await.expect("semaphore open");
@@ -192,7 +194,7 @@ where
                 (export.clone(), neg.clone(), wr.clone(), failed.clone());
             tokio::spawn(async move {
                 let reply = handle(&*export, &neg, req, payload).await;
-                if let Err(e) = wr.lock().await.write_all(&reply).await {
+                if let Err(e) = reply.send(&mut *wr.lock().await).await {
                     *failed.lock().expect("poisoned") = Some(e);
                 }
                 drop(permit);
@@ -220,29 +222,53 @@ fn errno_of(e: &std::io::Error) -> u32 {
     }
 }
 
+/// One reply: a header, and a read's data sent from its own buffer (never copied).
+struct Reply {
+    head: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl Reply {
+    async fn send<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<()> {
+        wr.write_all(&self.head).await?;
+        if !self.data.is_empty() {
+            wr.write_all(&self.data).await?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(head: Vec<u8>) -> Self {
+        Reply {
+            head,
+            data: Vec::new(),
+        }
+    }
+}
+
 async fn handle(
     export: &dyn BlockExport,
     neg: &Negotiated,
     req: Request,
     payload: Vec<u8>,
-) -> Vec<u8> {
+) -> Reply {
     let mut out = Vec::with_capacity(64);
     let s = neg.structured;
     if let Err((errno, msg)) = req.check(neg.export.size, neg.export.read_only) {
         wire::error_reply(&mut out, s, req.handle, errno, msg);
-        return out;
+        return out.into();
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result = match req.command {
         CMD_READ => match export.read(req.offset, req.len).await {
             Ok(data) => {
-                if s && req.flags & CMD_FLAG_DF == 0 && is_zero(&data) && !data.is_empty() {
+                if s && req.flags & CMD_FLAG_DF == 0 && !data.is_empty() && is_zero(&data) {
                     wire::hole_reply(&mut out, req.handle, req.offset, req.len);
-                } else {
-                    out.reserve(data.len() + 32);
-                    wire::read_reply(&mut out, s, req.handle, req.offset, &data);
+                    return out.into();
                 }
-                return out;
+                wire::read_reply_header(&mut out, s, req.handle, req.offset, data.len());
+                return Reply { head: out, data };
             }
             Err(e) => Err(e),
         },
@@ -260,7 +286,7 @@ async fn handle(
                     ENOTSUP,
                     "fast zero unavailable with NO_HOLE",
                 );
-                return out;
+                return out.into();
             }
             export
                 .write_zeroes(req.offset, req.len, req.flags & CMD_FLAG_NO_HOLE == 0, fua)
@@ -275,7 +301,7 @@ async fn handle(
                     EINVAL,
                     "no meta context was negotiated",
                 );
-                return out;
+                return out.into();
             }
             match export.block_status(req.offset, req.len).await {
                 Ok(mut ext) => {
@@ -283,7 +309,7 @@ async fn handle(
                         ext.truncate(1);
                     }
                     wire::block_status_reply(&mut out, req.handle, &ext);
-                    return out;
+                    return out.into();
                 }
                 Err(e) => Err(e),
             }
@@ -294,10 +320,5 @@ async fn handle(
         Ok(()) => wire::ok_reply(&mut out, s, req.handle),
         Err(e) => wire::error_reply(&mut out, s, req.handle, errno_of(&e), &e.to_string()),
     }
-    out
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    data.chunks(4096)
-        .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
+    out.into()
 }

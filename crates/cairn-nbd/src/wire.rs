@@ -135,21 +135,27 @@ pub fn ok_reply(out: &mut Vec<u8>, structured: bool, handle: u64) {
     }
 }
 
-/// A read's data: one `OFFSET_DATA` chunk (structured) or a simple reply with the data.
-pub fn read_reply(out: &mut Vec<u8>, structured: bool, handle: u64, offset: u64, data: &[u8]) {
+/// The header of a read's reply: one `OFFSET_DATA` chunk (structured) or a simple
+/// reply; the `len` bytes of data follow it on the wire, sent from the caller's buffer.
+pub fn read_reply_header(
+    out: &mut Vec<u8>,
+    structured: bool,
+    handle: u64,
+    offset: u64,
+    len: usize,
+) {
     if structured {
         chunk_header(
             out,
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_DATA,
             handle,
-            8 + wire_len(data.len()),
+            8 + wire_len(len),
         );
         out.extend_from_slice(&offset.to_be_bytes());
     } else {
         simple_reply(out, handle, 0);
     }
-    out.extend_from_slice(data);
 }
 
 /// A read of a range that is all zeros, as one `OFFSET_HOLE` chunk.

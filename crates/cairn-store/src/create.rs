@@ -261,12 +261,7 @@ pub async fn create_point(
         let parent = match &opts.parent {
             ParentChoice::None => None,
             // The newest point of the same server (or of no server, for loose images).
-            ParentChoice::Latest => space
-                .list_points()
-                .await?
-                .into_iter()
-                .rev()
-                .find(|p| p.server == opts.server),
+            ParentChoice::Latest => latest_of(space, opts.server.as_deref()).await?,
             ParentChoice::Id(id) => Some(space.load_point(id).await.map_err(|e| match e {
                 SpaceError::PointNotFound(_) => {
                     SpaceError::PointNotFound(format!("{id} (the parent; deleted meanwhile?)"))
@@ -287,6 +282,19 @@ pub async fn create_point(
         );
     }
     Ok(record)
+}
+
+/// The newest point of `server`: records are read newest first, and only until one
+/// matches (usually the first).
+async fn latest_of(space: &Space, server: Option<&str>) -> Result<Option<PointRecord>, SpaceError> {
+    for id in space.point_ids().await?.iter().rev() {
+        match space.load_point(id).await {
+            Ok(p) if p.server.as_deref() == server => return Ok(Some(p)),
+            Ok(_) | Err(SpaceError::PointNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 async fn write_point(

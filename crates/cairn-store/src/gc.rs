@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use cairn_format::id::{ChunkId, PointId};
 use cairn_format::layout;
+use cairn_format::record::PointRecord;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::error::SpaceError;
@@ -41,12 +42,7 @@ pub(crate) fn before(age: Duration) -> chrono::DateTime<chrono::Utc> {
 /// Deletes points (records first, then their indexes). Returns the ids deleted.
 pub async fn delete_points(space: &Space, ids: &[PointId]) -> Result<Vec<PointId>, SpaceError> {
     for id in ids {
-        if space
-            .backend()
-            .stat(&layout::record_key(id))
-            .await?
-            .is_none()
-        {
+        if !space.point_exists(id).await? {
             return Err(SpaceError::PointNotFound(id.to_string()));
         }
     }
@@ -112,31 +108,20 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
-/// Collects every id referenced by `ids`' indexes whose shard is in `shards`.
+/// Collects every id referenced by the records' indexes whose shard is in `shards`.
 async fn mark(
     space: &Space,
-    ids: &[PointId],
+    records: &[PointRecord],
     shards: &std::ops::RangeInclusive<u8>,
     into: &mut HashSet<ChunkId>,
 ) -> Result<(), SpaceError> {
-    let mut records = futures::stream::iter(ids.iter().copied())
-        .map(|id| async move {
-            match space.load_point(&id).await {
-                Err(SpaceError::PointNotFound(_)) => Ok(None),
-                other => other.map(Some),
-            }
-        })
-        .buffered(METADATA_CONCURRENCY);
-    while let Some(record) = records.try_next().await? {
-        let Some(record) = record else { continue };
+    for record in records {
         for d in &record.disks {
             // A damaged index stops GC: without it, nothing can be known unreferenced.
             // (A point deleted while we mark is simply skipped.)
-            let index = match space.load_index(&record, d).await {
+            let index = match space.load_index(record, d).await {
                 Ok(index) => index,
-                Err(SpaceError::DamagedIndex { .. })
-                    if crate::verify::deleted_meanwhile(space, &record.id).await? =>
-                {
+                Err(SpaceError::DamagedIndex { .. }) if !space.point_exists(&record.id).await? => {
                     break;
                 }
                 Err(e) => return Err(e),
@@ -162,15 +147,13 @@ pub async fn gc(
         dry_run: opts.dry_run,
         ..GcReport::default()
     };
-    let ids0 = space.point_ids().await?;
-    report.points = ids0.len();
+    // Records are small: read once, then every pass re-reads only the indexes.
+    let records0 = space.list_points().await?;
+    report.points = records0.len();
     // Upper bound of referenced ids: every chunk of every disk of every point.
-    let mut estimate: u64 = 0;
-    for id in &ids0 {
-        if let Ok(r) = space.load_point(id).await {
-            estimate = estimate.saturating_add(r.stats.chunks_total);
-        }
-    }
+    let estimate = records0
+        .iter()
+        .fold(0u64, |n, r| n.saturating_add(r.stats.chunks_total));
     let passes = usize::try_from(estimate.div_ceil(opts.max_ids_per_pass.max(1) as u64))
         .unwrap_or(256)
         .clamp(1, 256);
@@ -182,7 +165,7 @@ pub async fn gc(
         let hi = u8::try_from((pass + 1) * 256 / passes - 1).expect("shard");
         let shards = lo..=hi;
         let mut referenced = HashSet::new();
-        mark(space, &ids0, &shards, &mut referenced).await?;
+        mark(space, &records0, &shards, &mut referenced).await?;
         report.chunks_referenced += referenced.len() as u64;
 
         let mut candidates: Vec<(ChunkId, u64)> = Vec::new();
@@ -212,7 +195,7 @@ pub async fn gc(
         }
         let lease = acquire_lease(space, opts, &mut report).await?;
         let swept = match lease.check().await {
-            Ok(()) => sweep(space, &ids0, &shards, candidates).await,
+            Ok(()) => sweep(space, &records0, &shards, candidates).await,
             Err(e) => Err(e),
         };
         let released = lease.release().await;
@@ -268,11 +251,11 @@ async fn acquire_lease(
 /// the rest.
 async fn sweep(
     space: &Space,
-    ids0: &[PointId],
+    records0: &[PointRecord],
     shards: &std::ops::RangeInclusive<u8>,
     mut candidates: Vec<(ChunkId, u64)>,
 ) -> Result<(u64, u64), SpaceError> {
-    let before: HashSet<PointId> = ids0.iter().copied().collect();
+    let before: HashSet<PointId> = records0.iter().map(|r| r.id).collect();
     let new_ids: Vec<PointId> = space
         .point_ids()
         .await?
@@ -281,7 +264,13 @@ async fn sweep(
         .collect();
     if !new_ids.is_empty() {
         let mut spared = HashSet::new();
-        mark(space, &new_ids, shards, &mut spared).await?;
+        mark(
+            space,
+            &space.load_points(&new_ids).await?,
+            shards,
+            &mut spared,
+        )
+        .await?;
         candidates.retain(|(id, _)| !spared.contains(id));
     }
     let backend = space.backend().clone();
@@ -326,12 +315,7 @@ async fn remove_orphan_indexes(space: &Space, opts: &GcOptions) -> Result<u64, S
         };
         if !points.contains(&point) && o.last_modified < cutoff {
             // Re-check: the record may have been committed since the listing.
-            if space
-                .backend()
-                .stat(&layout::record_key(&point))
-                .await?
-                .is_none()
-            {
+            if !space.point_exists(&point).await? {
                 space.backend().delete(&o.key).await?;
                 deleted += 1;
             }

@@ -199,7 +199,9 @@ async fn restore_locked(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, SpaceError> {
     // Still there? (It may have been deleted before the lease was taken.)
-    space.load_point(&record.id).await?;
+    if !space.point_exists(&record.id).await? {
+        return Err(SpaceError::PointNotFound(record.id.to_string()));
+    }
     let index = space.load_index(record, disk).await?;
     let existing = std::fs::metadata(target).ok();
     if existing.is_some() && !opts.force {

@@ -141,7 +141,9 @@ async fn apply_locked(
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<RollbackReport, SpaceError> {
-    space.load_point(&record.id).await?;
+    if !space.point_exists(&record.id).await? {
+        return Err(SpaceError::PointNotFound(record.id.to_string()));
+    }
     let disk = Space::choose_disk(record, Some(&plan.disk))?;
     let index: DiskIndex = space.load_index(record, disk).await?;
     let image = Image::open_rw(&plan.image)?;

@@ -120,7 +120,18 @@ impl Space {
     /// Every recovery point record, oldest first.
     pub async fn list_points(&self) -> Result<Vec<PointRecord>, SpaceError> {
         let ids = self.point_ids().await?;
-        let loaded: Vec<Option<PointRecord>> = futures::stream::iter(ids)
+        self.load_points(&ids).await
+    }
+
+    /// Whether a point's record exists (one `stat`; used to tell a point deleted while
+    /// we worked from a damaged one).
+    pub async fn point_exists(&self, id: &PointId) -> Result<bool, SpaceError> {
+        Ok(self.backend.stat(&layout::record_key(id)).await?.is_some())
+    }
+
+    /// Loads the records of `ids`, skipping any deleted meanwhile, in the given order.
+    pub async fn load_points(&self, ids: &[PointId]) -> Result<Vec<PointRecord>, SpaceError> {
+        let loaded: Vec<Option<PointRecord>> = futures::stream::iter(ids.iter().copied())
             .map(|id| async move {
                 match self.load_point(&id).await {
                     // Deleted between the listing and the read.

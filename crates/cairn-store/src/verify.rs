@@ -136,15 +136,6 @@ pub async fn verify_and_repair(
     result
 }
 
-/// Whether a point's record is gone (deleted while we looked), as opposed to damaged.
-pub(crate) async fn deleted_meanwhile(space: &Space, id: &PointId) -> Result<bool, SpaceError> {
-    Ok(space
-        .backend()
-        .stat(&cairn_format::layout::record_key(id))
-        .await?
-        .is_none())
-}
-
 async fn verify_locked(
     space: &Space,
     points: &[PointId],
@@ -185,7 +176,7 @@ async fn verify_locked(
                         }
                     }
                 }
-                Err(SpaceError::DamagedIndex { .. }) if deleted_meanwhile(space, &r.id).await? => {}
+                Err(SpaceError::DamagedIndex { .. }) if !space.point_exists(&r.id).await? => {}
                 Err(e @ SpaceError::DamagedIndex { .. }) => report.damage.push(Damage {
                     chunk: None,
                     problem: e.to_string(),
