@@ -177,36 +177,13 @@ impl Space {
     /// (at least 4 characters).
     pub async fn resolve_point(&self, spec: &str) -> Result<PointId, SpaceError> {
         let ids = self.point_ids().await?;
-        if spec == "latest" {
-            return ids.last().copied().ok_or(SpaceError::NoPoints);
-        }
-        if let Ok(id) = spec.parse::<PointId>() {
-            return if ids.contains(&id) {
-                Ok(id)
-            } else {
-                Err(SpaceError::PointNotFound(spec.to_string()))
-            };
-        }
-        let want = spec.to_ascii_lowercase();
-        let matches: Vec<PointId> = if want.len() >= 4 {
-            ids.into_iter()
-                .filter(|id| id.to_string().starts_with(&want))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        match matches.as_slice() {
-            [one] => Ok(*one),
-            [] => Err(SpaceError::PointNotFound(spec.to_string())),
-            many => Err(SpaceError::AmbiguousPoint {
-                prefix: spec.to_string(),
-                matches: many
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
-        }
+        resolve_in(&ids, spec)
+    }
+
+    /// Resolves several at once, against one listing of the space.
+    pub async fn resolve_points(&self, specs: &[String]) -> Result<Vec<PointId>, SpaceError> {
+        let ids = self.point_ids().await?;
+        specs.iter().map(|s| resolve_in(&ids, s)).collect()
     }
 
     /// The disk of a point an operator means: the named one, or the only one.
@@ -268,5 +245,40 @@ impl Space {
             )));
         }
         Ok(index)
+    }
+}
+
+/// Resolves `spec` among `ids` (sorted oldest first).
+fn resolve_in(ids: &[PointId], spec: &str) -> Result<PointId, SpaceError> {
+    if spec == "latest" {
+        return ids.last().copied().ok_or(SpaceError::NoPoints);
+    }
+    if let Ok(id) = spec.parse::<PointId>() {
+        return if ids.contains(&id) {
+            Ok(id)
+        } else {
+            Err(SpaceError::PointNotFound(spec.to_string()))
+        };
+    }
+    let want = spec.to_ascii_lowercase();
+    let matches: Vec<PointId> = if want.len() >= 4 {
+        ids.iter()
+            .copied()
+            .filter(|id| id.to_string().starts_with(&want))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(SpaceError::PointNotFound(spec.to_string())),
+        many => Err(SpaceError::AmbiguousPoint {
+            prefix: spec.to_string(),
+            matches: many
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
     }
 }

@@ -408,14 +408,6 @@ async fn run_gc(
     Ok(report)
 }
 
-async fn resolve_all(s: &Space, ids: &[String]) -> Result<Vec<cairn_format::id::PointId>> {
-    let mut resolved = Vec::with_capacity(ids.len());
-    for id in ids {
-        resolved.push(s.resolve_point(id).await?);
-    }
-    Ok(resolved)
-}
-
 fn disk_name_of(path: &std::path::Path) -> Result<String> {
     let stem = path
         .file_stem()
@@ -695,7 +687,7 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
             run,
         } => {
             let s = open(&space).await?;
-            let resolved = resolve_all(&s, &ids).await?;
+            let resolved = s.resolve_points(&ids).await?;
             let report = cairn_store::verify::verify_and_repair(
                 &s,
                 &resolved,
@@ -752,7 +744,7 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
         }
         PointCommand::Delete { space, ids, json } => {
             let s = open(&space).await?;
-            let resolved = resolve_all(&s, &ids).await?;
+            let resolved = s.resolve_points(&ids).await?;
             let deleted = cairn_store::gc::delete_points(&s, &resolved).await?;
             if json {
                 print_json(&serde_json::json!({"deleted": deleted}))?;
