@@ -33,6 +33,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::backend::{Backend, BackendError, PutMode};
 use crate::error::SpaceError;
 use crate::image::{BufferPool, Image};
+use crate::source::{ChunkSource, NamedSource};
 use crate::lock;
 use crate::progress::Progress;
 use crate::space::Space;
@@ -65,6 +66,8 @@ pub struct CreateOptions {
     pub concurrency: usize,
     /// How long to wait for a running garbage collection's delete phase.
     pub lease_wait: Duration,
+    /// The instant the disks were frozen at (default: when creation starts).
+    pub snapshot_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl CreateOptions {
@@ -77,6 +80,7 @@ impl CreateOptions {
             operator: default_operator(),
             concurrency: default_concurrency(),
             lease_wait: Duration::from_secs(3600),
+            snapshot_at: None,
         }
     }
 }
@@ -161,7 +165,7 @@ enum Outcome {
 impl Writer {
     async fn chunk(
         &self,
-        image: &Image,
+        image: &Arc<dyn ChunkSource>,
         start: u64,
         end: u64,
         parent: Option<ChunkId>,
@@ -172,10 +176,12 @@ impl Writer {
         let permit = self.cpu.acquire().await.expect("semaphore open");
         let (id, buf, read) = tokio::task::spawn_blocking(move || {
             if !img.may_have_data(start, end) {
+                img.taken(start, end);
                 return Ok((ChunkId::ZERO, None, 0));
             }
             let mut buf = pool.take(len);
             img.read_at(&mut buf, start)?;
+            img.taken(start, end);
             if cairn_format::zero::is_zero(&buf) {
                 pool.give(buf);
                 return Ok((ChunkId::ZERO, None, len as u64));
@@ -240,15 +246,34 @@ pub async fn create_point(
     opts: &CreateOptions,
     progress: &dyn Progress,
 ) -> Result<PointRecord, SpaceError> {
+    let mut sources = Vec::with_capacity(opts.disks.len());
+    for d in &opts.disks {
+        cairn_format::name::validate("disk", &d.name)?;
+        let image: Arc<dyn ChunkSource> = Arc::new(Image::open_read(&d.path)?);
+        sources.push(NamedSource {
+            name: d.name.clone(),
+            source: image,
+        });
+    }
+    create_point_from(space, opts, &sources, progress).await
+}
+
+/// Creates a recovery point of any sources (`opts.disks` is not used). A source with a
+/// change base is read only where it changed since that base, if the base point still
+/// exists with the same disk size and chunk size; otherwise it is read whole.
+pub async fn create_point_from(
+    space: &Space,
+    opts: &CreateOptions,
+    sources: &[NamedSource],
+    progress: &dyn Progress,
+) -> Result<PointRecord, SpaceError> {
     // Check everything that can be checked before taking a lease or writing anything.
     let mut seen = HashSet::new();
-    let mut images = Vec::with_capacity(opts.disks.len());
-    for d in &opts.disks {
+    for d in sources {
         cairn_format::name::validate("disk", &d.name)?;
         if !seen.insert(d.name.clone()) {
             return Err(SpaceError::DuplicateDisk(d.name.clone()));
         }
-        images.push(Image::open_read(&d.path)?);
     }
     if let Some(server) = &opts.server {
         cairn_format::name::validate("server", server)?;
@@ -269,7 +294,7 @@ pub async fn create_point(
                 other => other,
             })?),
         };
-        write_point(space, opts, &images, parent.as_ref(), &lease, progress).await
+        write_point(space, opts, sources, parent.as_ref(), &lease, progress).await
     }
     .await;
     let released = lease.release().await;
@@ -282,6 +307,37 @@ pub async fn create_point(
         );
     }
     Ok(record)
+}
+
+/// The index of a source's change base, if the base can be used: its record and disk
+/// exist with the same size and chunk size.
+async fn base_index(
+    space: &Space,
+    source: &dyn ChunkSource,
+    chunk_size: u32,
+) -> Result<Option<DiskIndex>, SpaceError> {
+    let Some(base) = source.change_base() else {
+        return Ok(None);
+    };
+    let record = match space.load_point(&base.point).await {
+        Ok(r) => r,
+        Err(SpaceError::PointNotFound(_)) => {
+            tracing::info!(
+                "change base {} is gone: reading {} whole",
+                base.point,
+                source.describe()
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(disk) = record.disks.iter().find(|d| d.name == base.disk) else {
+        return Ok(None);
+    };
+    if disk.size != source.size() || record.chunk_size != chunk_size {
+        return Ok(None);
+    }
+    Ok(Some(space.load_index(&record, disk).await?))
 }
 
 /// The newest point of `server`: records are read newest first, and only until one
@@ -300,13 +356,13 @@ async fn latest_of(space: &Space, server: Option<&str>) -> Result<Option<PointRe
 async fn write_point(
     space: &Space,
     opts: &CreateOptions,
-    images: &[Image],
+    sources: &[NamedSource],
     parent: Option<&PointRecord>,
     lease: &lock::Lease,
     progress: &dyn Progress,
 ) -> Result<PointRecord, SpaceError> {
     let started = Instant::now();
-    let snapshot_at = chrono::Utc::now();
+    let snapshot_at = opts.snapshot_at.unwrap_or_else(chrono::Utc::now);
     let id = cairn_format::id::new_point_id();
     let chunk_size = space.config().chunk_size;
     let concurrency = opts.concurrency.max(1);
@@ -330,19 +386,35 @@ async fn write_point(
         quarantined: crate::verify::quarantined(space).await?,
     };
 
-    let total: u64 = images.iter().map(|i| i.size).sum();
+    // Change bases: chunks unchanged since a base are taken from its index, unread.
+    let mut bases = Vec::with_capacity(sources.len());
+    for s in sources {
+        let base = base_index(space, &*s.source, chunk_size).await?;
+        if let Some(b) = &base {
+            let mut known = writer.known.lock().expect("poisoned");
+            known.extend(b.chunks.iter().copied().filter(|c| !c.is_zero()));
+        }
+        bases.push(base);
+    }
+
+    let total: u64 = sources.iter().map(|s| s.source.size()).sum();
     progress.start("point create", total);
-    let mut disks = Vec::with_capacity(images.len());
+    let mut disks = Vec::with_capacity(sources.len());
     let mut stats = PointStats::default();
-    for (source, image) in opts.disks.iter().zip(images) {
+    for ((source, base), image) in sources
+        .iter()
+        .zip(&bases)
+        .zip(sources.iter().map(|s| &s.source))
+    {
+        let size = image.size();
         let parent_index = parent_indexes
             .iter()
             .find(|(name, idx)| *name == source.name && idx.chunk_size == chunk_size)
             .map(|(_, idx)| idx);
-        let n = chunk_count(image.size, chunk_size);
+        let n = chunk_count(size, chunk_size);
         let mut ids = vec![ChunkId::ZERO; usize::try_from(n).expect("chunk count fits")];
         let mut dstats = PointStats {
-            bytes_total: image.size,
+            bytes_total: size,
             chunks_total: n,
             ..PointStats::default()
         };
@@ -350,9 +422,23 @@ async fn write_point(
         let mut results = futures::stream::iter(0..n)
             .map(|i| async move {
                 let start = i * u64::from(chunk_size);
-                let end = (start + u64::from(chunk_size)).min(image.size);
-                let parent_id =
-                    parent_index.and_then(|p| p.chunks.get(usize::try_from(i).ok()?).copied());
+                let end = (start + u64::from(chunk_size)).min(size);
+                let at = usize::try_from(i).expect("index fits");
+                if let Some(b) = base
+                    && !image.changed(start, end)
+                    && !writer.quarantined.contains(&b.chunks[at])
+                {
+                    // Unchanged since the base: its chunk, not read.
+                    let cid = b.chunks[at];
+                    let outcome = if cid.is_zero() {
+                        Outcome::Zero
+                    } else {
+                        Outcome::Reused
+                    };
+                    image.taken(start, end);
+                    return Ok::<_, SpaceError>((i, cid, outcome, 0, end - start));
+                }
+                let parent_id = parent_index.and_then(|p| p.chunks.get(at).copied());
                 let (cid, outcome, read) = writer.chunk(image, start, end, parent_id).await?;
                 Ok::<_, SpaceError>((i, cid, outcome, read, end - start))
             })
@@ -373,7 +459,7 @@ async fn write_point(
         }
         drop(results);
         let index = DiskIndex {
-            disk_size: image.size,
+            disk_size: size,
             chunk_size,
             chunks: ids,
         };
@@ -387,8 +473,8 @@ async fn write_point(
         stats.add(&dstats);
         disks.push(DiskRecord {
             name: source.name.clone(),
-            size: image.size,
-            source: image.path.display().to_string(),
+            size,
+            source: image.describe(),
             index: key,
             index_checksum: checksum,
             stats: dstats,

@@ -48,6 +48,10 @@ pub enum SpaceError {
         count: usize,
         available: String,
     },
+    #[error(
+        "recovery point {point} cannot be deleted: clone {holders} still reads from it (not yet hydrated); hydrate the clone (`cairn disk hydrate`) or delete it first"
+    )]
+    Pinned { point: PointId, holders: String },
     #[error("two disks are named {0:?}; name them apart with --disk")]
     DuplicateDisk(String),
     #[error(transparent)]

@@ -45,12 +45,30 @@ pub async fn delete_points(space: &Space, ids: &[PointId]) -> Result<Vec<PointId
         if !space.point_exists(id).await? {
             return Err(SpaceError::PointNotFound(id.to_string()));
         }
+        pinned(space, id).await?;
     }
     for id in ids {
+        pinned(space, id).await?;
         space.backend().delete(&layout::record_key(id)).await?;
         delete_prefix(space, &layout::index_prefix(id)).await?;
     }
     Ok(ids.to_vec())
+}
+
+/// Refuses a point that a clone still reads from.
+async fn pinned(space: &Space, id: &PointId) -> Result<(), SpaceError> {
+    let pins = crate::pins::pins_of(space, id).await?;
+    if pins.is_empty() {
+        return Ok(());
+    }
+    Err(SpaceError::Pinned {
+        point: *id,
+        holders: pins
+            .iter()
+            .map(|p| p.holder.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 async fn delete_prefix(space: &Space, prefix: &str) -> Result<u64, SpaceError> {
@@ -336,5 +354,21 @@ pub async fn prune_plan(space: &Space, policy: &RetentionPolicy) -> Result<Prune
             snapshot_at: r.snapshot_at,
         })
         .collect();
-    crate::retention::plan(&points, policy)
+    let mut plan = crate::retention::plan(&points, policy)?;
+    // A point a clone still reads from is kept whatever the policy says.
+    let mut remove = Vec::with_capacity(plan.remove.len());
+    for mut p in std::mem::take(&mut plan.remove) {
+        let pins = crate::pins::pins_of(space, &p.id).await?;
+        if pins.is_empty() {
+            remove.push(p);
+        } else {
+            for pin in pins {
+                p.reasons.push(format!("pinned by clone {}", pin.holder));
+            }
+            plan.keep.push(p);
+        }
+    }
+    plan.remove = remove;
+    plan.keep.sort_by_key(|p| p.snapshot_at);
+    Ok(plan)
 }

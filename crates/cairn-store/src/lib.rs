@@ -39,10 +39,12 @@ pub mod fetch;
 pub mod gc;
 pub mod image;
 pub mod lock;
+pub mod pins;
 pub mod progress;
 pub mod restore;
 pub mod retention;
 pub mod rollback;
+pub mod source;
 pub mod space;
 pub mod verify;
 

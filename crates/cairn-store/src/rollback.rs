@@ -69,15 +69,40 @@ pub async fn plan_rollback(
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<RollbackPlan, SpaceError> {
+    plan_rollback_of(space, record, disk, image_path, None, concurrency, progress).await
+}
+
+/// Like [`plan_rollback`], but only the chunk positions in `candidates` are compared
+/// (all when `None`): the caller knows the rest equals the point (changed-block tracking).
+pub async fn plan_rollback_of(
+    space: &Space,
+    record: &PointRecord,
+    disk: Option<&str>,
+    image_path: &Path,
+    candidates: Option<Vec<u64>>,
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<RollbackPlan, SpaceError> {
     let disk = Space::choose_disk(record, disk)?;
     let image = Image::open_read(image_path)?;
     same_size(&image, record, disk)?;
     let index = space.load_index(record, disk).await?;
-    progress.start("compare", disk.size);
+    let n = index.chunks.len() as u64;
+    let positions: Vec<u64> = match candidates {
+        Some(mut c) => {
+            c.retain(|&i| i < n);
+            c.sort_unstable();
+            c.dedup();
+            c
+        }
+        None => (0..n).collect(),
+    };
+    let compared: u64 = positions.iter().map(|&i| index.chunk_range(i)).map(|(s, e)| e - s).sum();
+    progress.start("compare", compared);
     let index_ref = &index;
     let image_ref = &image;
     let mut differing: Vec<(u64, ChunkId, u64, u64)> =
-        futures::stream::iter(0..index.chunks.len() as u64)
+        futures::stream::iter(positions)
             .map(|i| async move {
                 let want = index_ref.chunks[usize::try_from(i).expect("fits")];
                 let (start, end) = index_ref.chunk_range(i);
