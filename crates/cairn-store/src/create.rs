@@ -33,9 +33,9 @@ use futures::{StreamExt, TryStreamExt};
 use crate::backend::{Backend, BackendError, PutMode};
 use crate::error::SpaceError;
 use crate::image::{BufferPool, Image};
-use crate::source::{ChunkSource, NamedSource};
 use crate::lock;
 use crate::progress::Progress;
+use crate::source::{ChunkSource, NamedSource};
 use crate::space::Space;
 
 /// One disk to take into a point.
@@ -259,8 +259,9 @@ pub async fn create_point(
 }
 
 /// Creates a recovery point of any sources (`opts.disks` is not used). A source with a
-/// change base is read only where it changed since that base, if the base point still
-/// exists with the same disk size and chunk size; otherwise it is read whole.
+/// change base is read only where it changed since that base; if the base point no longer
+/// exists with the same disk size and chunk size, this fails with
+/// [`SpaceError::BaseGone`] (the caller retries without a base).
 pub async fn create_point_from(
     space: &Space,
     opts: &CreateOptions,
@@ -390,6 +391,14 @@ async fn write_point(
     let mut bases = Vec::with_capacity(sources.len());
     for s in sources {
         let base = base_index(space, &*s.source, chunk_size).await?;
+        if let (None, Some(b)) = (&base, s.source.change_base()) {
+            // A live source froze only its changed areas: reading the rest would see
+            // writes made after the freeze. The caller takes the point again, whole.
+            return Err(SpaceError::BaseGone {
+                disk: s.name.clone(),
+                point: b.point,
+            });
+        }
         if let Some(b) = &base {
             let mut known = writer.known.lock().expect("poisoned");
             known.extend(b.chunks.iter().copied().filter(|c| !c.is_zero()));

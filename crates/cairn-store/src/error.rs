@@ -52,6 +52,10 @@ pub enum SpaceError {
         "recovery point {point} cannot be deleted: clone {holders} still reads from it (not yet hydrated); hydrate the clone (`cairn disk hydrate`) or delete it first"
     )]
     Pinned { point: PointId, holders: String },
+    #[error(
+        "the change base of disk {disk} (point {point}) is no longer usable (deleted meanwhile?); take the point again"
+    )]
+    BaseGone { disk: String, point: PointId },
     #[error("two disks are named {0:?}; name them apart with --disk")]
     DuplicateDisk(String),
     #[error(transparent)]
@@ -155,11 +159,7 @@ impl SpaceError {
         }
     }
 
-    pub(crate) fn image(
-        what: &'static str,
-        path: &std::path::Path,
-        source: std::io::Error,
-    ) -> Self {
+    pub fn image(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         SpaceError::Image {
             what,
             path: path.to_path_buf(),

@@ -41,7 +41,11 @@ pub async fn add_pin(space: &Space, point: &PointId, holder: &str) -> Result<Pin
     let body = serde_json::to_vec_pretty(&pin).expect("pin serializes");
     space
         .backend()
-        .put(&pin_key(point, &pin.id), Bytes::from(body), PutMode::CreateNew)
+        .put(
+            &pin_key(point, &pin.id),
+            Bytes::from(body),
+            PutMode::CreateNew,
+        )
         .await?;
     if !space.point_exists(point).await? {
         remove_pin(space, point, &pin.id).await?;
@@ -50,7 +54,11 @@ pub async fn add_pin(space: &Space, point: &PointId, holder: &str) -> Result<Pin
     Ok(pin)
 }
 
-pub async fn remove_pin(space: &Space, point: &PointId, pin: &uuid::Uuid) -> Result<(), SpaceError> {
+pub async fn remove_pin(
+    space: &Space,
+    point: &PointId,
+    pin: &uuid::Uuid,
+) -> Result<(), SpaceError> {
     match space.backend().delete(&pin_key(point, pin)).await {
         Ok(()) | Err(BackendError::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),

@@ -97,36 +97,39 @@ pub async fn plan_rollback_of(
         }
         None => (0..n).collect(),
     };
-    let compared: u64 = positions.iter().map(|&i| index.chunk_range(i)).map(|(s, e)| e - s).sum();
+    let compared: u64 = positions
+        .iter()
+        .map(|&i| index.chunk_range(i))
+        .map(|(s, e)| e - s)
+        .sum();
     progress.start("compare", compared);
     let index_ref = &index;
     let image_ref = &image;
-    let mut differing: Vec<(u64, ChunkId, u64, u64)> =
-        futures::stream::iter(positions)
-            .map(|i| async move {
-                let want = index_ref.chunks[usize::try_from(i).expect("fits")];
-                let (start, end) = index_ref.chunk_range(i);
-                let img = image_ref.clone();
-                let (have, read) = tokio::task::spawn_blocking(move || {
-                    if !img.may_have_data(start, end) {
-                        return Ok((ChunkId::ZERO, 0));
-                    }
-                    let mut buf = vec![0u8; usize::try_from(end - start).expect("fits")];
-                    img.read_at(&mut buf, start)?;
-                    let id = if cairn_format::zero::is_zero(&buf) {
-                        ChunkId::ZERO
-                    } else {
-                        ChunkId::of(&buf)
-                    };
-                    Ok::<_, SpaceError>((id, end - start))
-                })
-                .await??;
-                progress.advance(end - start);
-                Ok::<_, SpaceError>((i, want, read, if have == want { 0 } else { end - start }))
+    let mut differing: Vec<(u64, ChunkId, u64, u64)> = futures::stream::iter(positions)
+        .map(|i| async move {
+            let want = index_ref.chunks[usize::try_from(i).expect("fits")];
+            let (start, end) = index_ref.chunk_range(i);
+            let img = image_ref.clone();
+            let (have, read) = tokio::task::spawn_blocking(move || {
+                if !img.may_have_data(start, end) {
+                    return Ok((ChunkId::ZERO, 0));
+                }
+                let mut buf = vec![0u8; usize::try_from(end - start).expect("fits")];
+                img.read_at(&mut buf, start)?;
+                let id = if cairn_format::zero::is_zero(&buf) {
+                    ChunkId::ZERO
+                } else {
+                    ChunkId::of(&buf)
+                };
+                Ok::<_, SpaceError>((id, end - start))
             })
-            .buffer_unordered(concurrency.max(1))
-            .try_collect()
-            .await?;
+            .await??;
+            progress.advance(end - start);
+            Ok::<_, SpaceError>((i, want, read, if have == want { 0 } else { end - start }))
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
     progress.finish();
     differing.sort_unstable_by_key(|d| d.0);
     let bytes_read = differing.iter().map(|d| d.2).sum();
