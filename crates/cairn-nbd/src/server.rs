@@ -26,13 +26,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait Exports: Send + Sync {
     fn list(&self) -> Vec<ExportInfo>;
     fn open(&self, name: &str) -> Option<Arc<dyn BlockExport>>;
+    /// The export a client asks for by name: by default one of [`Self::list`]; a catalog
+    /// may also offer exports it does not list (opened on demand).
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.list().into_iter().find(|e| e.name == name)
+    }
 }
 
 struct Catalog<'a>(&'a dyn Exports);
 
 impl ExportCatalog for Catalog<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.0.list().into_iter().find(|e| e.name == name)
+        self.0.lookup(name)
     }
     fn list(&self) -> Vec<ExportInfo> {
         self.0.list()

@@ -90,6 +90,9 @@ pub enum VolumeError {
     Space(#[from] SpaceError),
     #[error("{0}")]
     Other(String),
+    /// Damage reported by the serving process.
+    #[error("{0}")]
+    RemoteDamage(String),
 }
 
 impl VolumeError {
@@ -106,7 +109,7 @@ impl VolumeError {
         match self {
             VolumeError::Space(e) => e.is_damage(),
             VolumeError::Origin { source, .. } => source.is_damage(),
-            VolumeError::Map(MapError::Corrupt { .. }) => true,
+            VolumeError::Map(MapError::Corrupt { .. }) | VolumeError::RemoteDamage(_) => true,
             _ => false,
         }
     }

@@ -402,6 +402,36 @@ impl Exports for Host {
         }
         self.points.lock().expect("poisoned").get(name).cloned()
     }
+
+    /// Live disks by name; `server/disk@point` opens a read-only export of a recovery
+    /// point on demand (on a helper thread: the handshake is synchronous).
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        if let Some(e) = self.exports.lock().expect("poisoned").get(name) {
+            return Some(e.info());
+        }
+        if !name.contains('@') {
+            return None;
+        }
+        let opened = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                match rt.block_on(self.point_export(name)) {
+                    Ok(e) => Some(e.info()),
+                    Err(e) => {
+                        tracing::info!("export {name:?}: {e}");
+                        None
+                    }
+                }
+            })
+            .join()
+            .ok()
+            .flatten()
+        });
+        opened
+    }
 }
 
 /// Runs a hook with `sh -c`; its environment names the server and the phase.

@@ -16,6 +16,7 @@ pub mod host;
 pub mod mapfile;
 pub mod point_export;
 pub mod pool;
+pub mod serve;
 pub mod volume;
 
 pub use error::VolumeError;

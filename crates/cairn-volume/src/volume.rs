@@ -165,32 +165,43 @@ impl Volume {
                 ),
             });
         }
-        let (base, map) = match read_cbt(&paths, meta.size) {
-            Ok(Some((b, map))) => (
-                Some(ChangeBase {
-                    point: b.point,
-                    disk: b.disk,
-                }),
-                map,
-            ),
-            Ok(None) => (None, Bitmap::new(meta.size.div_ceil(GRAIN))),
+        let fresh = || Bitmap::new(meta.size.div_ceil(GRAIN));
+        let (base, map) = match mapfile::read::<CbtHeader>(&paths.cbt) {
+            Ok(Some((h, map)))
+                if h.state == CbtState::Clean && h.size == meta.size && h.grain == GRAIN =>
+            {
+                match h.base {
+                    Some(b) => (
+                        Some(ChangeBase {
+                            point: b.point,
+                            disk: b.disk,
+                        }),
+                        map,
+                    ),
+                    None => (None, fresh()),
+                }
+            }
+            Ok(Some((h, _))) => {
+                if h.state == CbtState::Open {
+                    tracing::warn!(
+                        "{}/{}: changed-block map invalid (not closed cleanly: crash or kill): the next point reads the whole disk and compares hashes",
+                        meta.server,
+                        meta.name
+                    );
+                }
+                (None, fresh())
+            }
+            Ok(None) => (None, fresh()),
             Err(e) => {
                 tracing::warn!(
                     "{}/{}: changed-block map unreadable ({e}): the next point reads the whole disk",
                     meta.server,
                     meta.name
                 );
-                (None, Bitmap::new(meta.size.div_ceil(GRAIN)))
+                (None, fresh())
             }
         };
         let cbt_was_valid = base.is_some();
-        if !cbt_was_valid && paths.cbt.exists() {
-            tracing::warn!(
-                "{}/{}: changed-block map invalid (unclean shutdown?): the next point reads the whole disk and compares hashes",
-                meta.server,
-                meta.name
-            );
-        }
         // From here on the map on disk is `open`: a crash leaves it invalid.
         mapfile::write(
             &paths.cbt,

@@ -35,6 +35,17 @@ enum Command {
     /// Recovery points: create, list, show, restore, roll back, verify, delete.
     #[command(subcommand)]
     Point(PointCommand),
+    /// Disk pools: create one for a location, show it.
+    #[command(subcommand)]
+    Pool(crate::live::PoolCommand),
+    /// Servers (named sets of disks): create, list, start, stop, delete.
+    #[command(subcommand)]
+    Server(crate::live::ServerCommand),
+    /// Disks of a pool: create, import, export, list, grow, delete, clone, hydrate.
+    #[command(subcommand)]
+    Disk(crate::live::DiskCommand),
+    /// Serve a pool: export the disks of its running servers over NBD.
+    ServeNbd(crate::live::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,10 +128,11 @@ struct KeepArgs {
 
 #[derive(Debug, Subcommand)]
 enum PointCommand {
-    /// Take a recovery point of one or more disk images (one disk each).
+    /// Take a recovery point of disk images (`SPACE IMAGE...`), or of a server of a disk
+    /// pool (`POOL --server NAME`: crash-consistent across its disks, even while it runs).
     Create {
+        /// A recovery space, or a disk pool (with --server).
         space: String,
-        #[arg(required = true)]
         images: Vec<PathBuf>,
         /// Disk names, in the order of the images (default: each image's file name).
         #[arg(long = "disk")]
@@ -168,11 +180,16 @@ enum PointCommand {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Make an existing image equal to a recovery point, rewriting only what differs.
+    /// Make an image (`SPACE ID IMAGE`), or a stopped server's disks (`POOL ID --server
+    /// NAME`), equal to a recovery point, rewriting only what differs.
     Rollback {
+        /// A recovery space, or a disk pool (with --server).
         space: String,
         id: String,
-        image: PathBuf,
+        image: Option<PathBuf>,
+        /// Roll back this server of the pool (all its disks in the point, or --disk).
+        #[arg(long)]
+        server: Option<String>,
         #[arg(long)]
         disk: Option<String>,
         /// Really do it (irreversible). Without it, only say what would be rewritten.
@@ -203,13 +220,13 @@ enum PointCommand {
 }
 
 #[derive(Debug, Args)]
-struct RunArgs {
+pub struct RunArgs {
     /// Print a JSON report on stdout.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// No progress bar.
     #[arg(long, short)]
-    quiet: bool,
+    pub quiet: bool,
     /// Chunks in flight at once (default: 2 per core + 2).
     #[arg(long)]
     concurrency: Option<usize>,
@@ -220,7 +237,7 @@ impl RunArgs {
         self.concurrency
             .unwrap_or_else(cairn_store::create::default_concurrency)
     }
-    fn bar(&self) -> Bar {
+    pub fn bar(&self) -> Bar {
         Bar::new(self.quiet || self.json)
     }
 }
@@ -229,6 +246,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Space(c) => space_command(c).await,
         Command::Point(c) => point_command(c).await,
+        Command::Pool(c) => crate::live::pool_command(c).await,
+        Command::Server(c) => crate::live::server_command(c).await,
+        Command::Disk(c) => crate::live::disk_command(c).await,
+        Command::ServeNbd(a) => crate::live::serve_nbd(a).await,
     }
 }
 
@@ -237,20 +258,20 @@ async fn open(space: &str) -> Result<Space> {
     Ok(Space::open(backend).await?)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn size(n: u64) -> String {
+pub fn size(n: u64) -> String {
     ByteSize(n).display().iec().to_string()
 }
 
-fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
+pub fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
-fn table(header: &[&str]) -> Table {
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_style(NOTHING).set_header(header.to_vec());
     t
@@ -425,7 +446,7 @@ fn ratio(r: f64) -> String {
     }
 }
 
-fn print_point(p: &PointRecord) {
+pub fn print_point(p: &PointRecord) {
     println!("recovery point  {}", p.id);
     if let Some(s) = &p.server {
         println!("server          {s}");
@@ -495,6 +516,15 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
             operator,
             run,
         } => {
+            let pool_path = std::path::Path::new(&space);
+            if images.is_empty() {
+                if let (true, Some(server)) = (cairn_volume::Pool::exists(pool_path), &server) {
+                    return crate::live::point_create(pool_path, server, operator, &run).await;
+                }
+                bail!(
+                    "nothing to take: give disk images (`cairn point create SPACE IMAGE...`) or a pool and a server (`cairn point create POOL --server NAME`)"
+                );
+            }
             if disks.len() > images.len() {
                 bail!("{} --disk names for {} images", disks.len(), images.len());
             }
@@ -626,10 +656,29 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
             space,
             id,
             image,
+            server,
             disk,
             yes,
             run,
         } => {
+            let image = match (image, server) {
+                (None, Some(server)) => {
+                    return crate::live::rollback(
+                        std::path::Path::new(&space),
+                        &id,
+                        &server,
+                        disk.as_deref(),
+                        yes,
+                        &run,
+                    )
+                    .await;
+                }
+                (Some(i), None) => i,
+                (Some(_), Some(_)) => bail!("give either an IMAGE or --server, not both"),
+                (None, None) => bail!(
+                    "what to roll back: an image (`cairn point rollback SPACE ID IMAGE`) or a server of a pool (`cairn point rollback POOL ID --server NAME`)"
+                ),
+            };
             let s = open(&space).await?;
             let id = s.resolve_point(&id).await?;
             let p = s.load_point(&id).await?;

@@ -10,6 +10,7 @@
 //! - 4: nothing was done because confirmation is required (e.g. rollback without --yes)
 
 mod commands;
+mod live;
 mod progress;
 
 use std::process::ExitCode;
@@ -41,7 +42,9 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             let damaged = e
                 .downcast_ref::<cairn_store::SpaceError>()
-                .is_some_and(cairn_store::SpaceError::is_damage);
+                .is_some_and(cairn_store::SpaceError::is_damage)
+                || e.downcast_ref::<cairn_volume::VolumeError>()
+                    .is_some_and(cairn_volume::VolumeError::is_damage);
             ExitCode::from(if damaged { 3 } else { 1 })
         }
     }
