@@ -7,4 +7,5 @@ mod block;
 mod common;
 mod crash;
 mod input;
+mod live;
 mod session;
