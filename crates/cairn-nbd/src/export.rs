@@ -31,6 +31,13 @@ pub trait BlockExport: Send + Sync {
     /// Extents covering `[offset, offset + len)` from its start (the last may be short of
     /// the end; at least one).
     async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<Extent>>;
+    /// A signal that the export is going away. When it returns `Some(rx)` and the value
+    /// becomes `true`, every connection serving the export stops taking new requests,
+    /// lets the requests in flight finish and send their replies, then closes cleanly.
+    /// `None` (the default): the export lasts as long as its connections.
+    fn closed(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// Requests up to this size do their file I/O inline on the runtime thread.

@@ -39,7 +39,7 @@ impl Bitmap {
             words: words.iter().map(|&w| AtomicU64::new(w)).collect(),
         };
         // Bits past the end are ignored and kept clear.
-        if bits % 64 != 0
+        if !bits.is_multiple_of(64)
             && let Some(last) = b.words.last()
         {
             last.fetch_and((1u64 << (bits % 64)) - 1, Ordering::Relaxed);
@@ -95,7 +95,7 @@ impl Bitmap {
         let to = to.min(self.bits);
         let mut i = from;
         while i < to {
-            if i % 64 == 0 && to - i >= 64 {
+            if i.is_multiple_of(64) && to - i >= 64 {
                 self.words[usize::try_from(i / 64).expect("fits")]
                     .store(u64::MAX, Ordering::Release);
                 i += 64;
@@ -113,7 +113,7 @@ impl Bitmap {
         while i < to {
             let (w, _) = Self::at(i);
             let word = self.words[w].load(Ordering::Acquire);
-            if i % 64 == 0 && to - i >= 64 {
+            if i.is_multiple_of(64) && to - i >= 64 {
                 if word != 0 {
                     return true;
                 }

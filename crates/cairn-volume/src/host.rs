@@ -412,7 +412,7 @@ impl Exports for Host {
         if !name.contains('@') {
             return None;
         }
-        let opened = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             s.spawn(|| {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -429,8 +429,7 @@ impl Exports for Host {
             .join()
             .ok()
             .flatten()
-        });
-        opened
+        })
     }
 }
 
@@ -750,7 +749,7 @@ fn virtual_size(image: &Path, format: &str) -> Result<u64, VolumeError> {
 fn copy_sparse(src: &File, dst: &File, size: u64, progress: &dyn Progress) -> std::io::Result<()> {
     use rustix::fs::{SeekFrom, seek};
     const BUF: u64 = 1 << 20;
-    let mut buf = vec![0u8; BUF as usize];
+    let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < size {
         let data = match seek(src, SeekFrom::Data(pos)) {

@@ -128,7 +128,7 @@ pub fn parse_disk_spec(spec: &str) -> Result<(String, String), VolumeError> {
 pub fn check_size(size: u64) -> Result<(), VolumeError> {
     let why = if size == 0 {
         "a disk cannot be empty"
-    } else if size % 512 != 0 {
+    } else if !size.is_multiple_of(512) {
         "it must be a multiple of 512 bytes"
     } else if size > 1 << 62 {
         "it is too large"

@@ -530,5 +530,5 @@ async fn bad_input_is_refused_clearly() {
         .await
         .unwrap();
     assert_eq!(p.record.disks[0].size, 2 << 20);
-    assert_eq!(p.tracked[0].1, false);
+    assert!(!p.tracked[0].1);
 }

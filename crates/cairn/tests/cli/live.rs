@@ -26,7 +26,7 @@ struct Serve(Child);
 impl Serve {
     fn start(pool: &Path, socket: &Path) -> Serve {
         let _ = std::fs::remove_file(socket);
-        let child = crate::common::cairn()
+        let mut child = crate::common::cairn()
             .args([
                 "serve-nbd",
                 p(pool),
@@ -44,6 +44,8 @@ impl Serve {
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("serve-nbd did not come up");
     }
 
