@@ -363,6 +363,17 @@ impl Volume {
         Ok(guard)
     }
 
+    /// After [`Self::close`] every request fails (ESHUTDOWN): the server is stopped and
+    /// its disks may be changed by offline operations.
+    fn check_open(&self) -> std::io::Result<()> {
+        if self.is_closed() {
+            return Err(std::io::Error::from_raw_os_error(
+                rustix::io::Errno::SHUTDOWN.raw_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn write_at(
         self: &Arc<Self>,
         offset: u64,
@@ -370,6 +381,7 @@ impl Volume {
         fua: bool,
     ) -> std::io::Result<()> {
         let _gate = self.gate.read().await;
+        self.check_open()?;
         let len = data.len() as u64;
         let guard = self.before_change(offset, len).await?;
         self.run(len <= INLINE_IO && !fua, move |v| {
@@ -472,6 +484,7 @@ impl Volume {
     }
 
     pub async fn read_at(self: &Arc<Self>, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.check_open()?;
         if let Some(c) = &self.clone {
             c.ensure_present(&self.file, offset, len).await?;
         }
@@ -491,6 +504,7 @@ impl Volume {
         fua: bool,
     ) -> std::io::Result<()> {
         let _gate = self.gate.read().await;
+        self.check_open()?;
         let guard = self.before_change(offset, len).await?;
         self.run(false, move |v| {
             v.preserve(offset, len)?;
@@ -507,6 +521,7 @@ impl Volume {
     }
 
     pub async fn flush(self: &Arc<Self>) -> std::io::Result<()> {
+        self.check_open()?;
         self.run(false, |v| Ok(rustix::fs::fdatasync(&*v.file)?))
             .await?;
         self.persist_clone().await
@@ -780,5 +795,10 @@ impl BlockExport for VolumeExport {
 
     async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<Extent>> {
         self.volume.extents(offset, len).await
+    }
+
+    /// A stopped server's clients are disconnected.
+    fn closed(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.volume.closed.subscribe())
     }
 }

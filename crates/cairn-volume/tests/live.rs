@@ -532,3 +532,25 @@ async fn bad_input_is_refused_clearly() {
     assert_eq!(p.record.disks[0].size, 2 << 20);
     assert!(!p.tracked[0].1);
 }
+
+/// Stopping a server disconnects its clients: nothing reaches the disk afterwards (an
+/// offline rollback may be rewriting it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_server_disconnects_its_clients() {
+    let s = setup(&[("a", 1 << 20)]).await;
+    s.host.start("db").await.unwrap();
+    let mut c = Client::connect(&s.socket, "db/a").await.unwrap();
+    c.write(0, &[1u8; 4096]).await.unwrap();
+    s.host.stop("db").await.unwrap();
+    assert!(
+        c.write(0, &[2u8; 4096]).await.is_err(),
+        "a write after stop fails"
+    );
+    let pool = Pool::open(&s.dir.path().join("pool")).unwrap();
+    let data = std::fs::read(pool.disk_paths("db", "a").data).unwrap();
+    assert_eq!(data[..4096], [1u8; 4096]);
+    assert!(
+        Client::connect(&s.socket, "db/a").await.is_err(),
+        "no export of a stopped server"
+    );
+}
