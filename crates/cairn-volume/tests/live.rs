@@ -554,3 +554,47 @@ async fn stopping_a_server_disconnects_its_clients() {
         "no export of a stopped server"
     );
 }
+
+/// Pre and post hooks run around the freeze; a failing pre hook aborts the point and
+/// names the hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_run_around_the_freeze() {
+    let s = setup(&[]).await;
+    let pool = Pool::open(&s.dir.path().join("pool")).unwrap();
+    let marker = s.dir.path().join("hooks.log");
+    let m = marker.display();
+    pool.create_server(
+        "app",
+        Some(format!("echo \"pre $CAIRN_SERVER\" >> {m}")),
+        Some(format!("echo \"post $CAIRN_SERVER\" >> {m}")),
+    )
+    .unwrap();
+    host::create_disk(&pool, "app", "a", 1 << 20).unwrap();
+    s.host
+        .take_point("app", "t", "t", &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "pre app\npost app\n"
+    );
+
+    pool.create_server(
+        "bad",
+        Some("echo 'guest agent unreachable' >&2; exit 3".into()),
+        None,
+    )
+    .unwrap();
+    host::create_disk(&pool, "bad", "a", 1 << 20).unwrap();
+    let e = s
+        .host
+        .take_point("bad", "t", "t", &NoProgress)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("pre hook") && msg.contains("guest agent unreachable"),
+        "{msg}"
+    );
+    assert!(!pool.disk_paths("bad", "a").cow.exists(), "nothing frozen");
+}

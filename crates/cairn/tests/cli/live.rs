@@ -319,3 +319,36 @@ fn pool_commands_refuse_bad_input() {
     let r = run(&["server", "start", p(&pool), "nosuch"]);
     assert!(r.stderr.contains("nosuch"), "{}", r.stderr);
 }
+
+/// A hydration killed with SIGKILL resumes and leaves the clone exact.
+#[test]
+fn killed_hydration_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (space, pool) = (d.join("space"), d.join("pool"));
+    ok(&["space", "init", p(&space), "--chunk-size", "64KiB"]);
+    ok(&["pool", "init", p(&pool), "--space", p(&space)]);
+    ok(&["server", "create", p(&pool), "web"]);
+    let image = d.join("root.img");
+    let data = crate::common::noise(11, 96 << 20);
+    std::fs::write(&image, &data).unwrap();
+    ok(&["disk", "import", p(&pool), "web/root", p(&image)]);
+    let point = json(&["point", "create", p(&pool), "--server", "web", "--json"]);
+    let id = point["record"]["id"].as_str().unwrap().to_string();
+    ok(&["server", "create", p(&pool), "copy"]);
+    ok(&["disk", "clone", p(&pool), &id, "copy/root"]);
+    for delay in [30u64, 80, 150] {
+        let mut h = crate::common::cairn()
+            .args(["disk", "hydrate", p(&pool), "copy/root", "--quiet"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = h.kill();
+        h.wait().unwrap();
+    }
+    ok(&["disk", "hydrate", p(&pool), "copy/root"]);
+    let out = d.join("copy.img");
+    ok(&["disk", "export", p(&pool), "copy/root", p(&out)]);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    ok(&["point", "delete", p(&space), &id]);
+}
