@@ -228,6 +228,23 @@ impl Host {
         }
     }
 
+    /// Live state of every attached disk: bytes changed since its base, the base, and
+    /// for clones the chunks present.
+    pub async fn disk_status(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for att in self.attached.lock().await.values() {
+            for v in &att.volumes {
+                out.push(serde_json::json!({
+                    "server": v.server, "disk": v.name,
+                    "changed_bytes": v.change_base().map(|_| v.changed_bytes()),
+                    "change_base": v.change_base().map(|b| b.point.to_string()),
+                    "hydration": v.hydration().map(|(p, t, _)| [p, t]),
+                }));
+            }
+        }
+        out
+    }
+
     pub async fn running(&self) -> Vec<String> {
         self.attached.lock().await.keys().cloned().collect()
     }

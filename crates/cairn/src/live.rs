@@ -396,9 +396,16 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
                 Some(s) => vec![p.server(&s)?],
                 None => p.servers()?,
             };
+            let live: Vec<serde_json::Value> = match remote(&pool, Request::Status).await? {
+                Some(v) => serde_json::from_value(v["disks"].clone()).unwrap_or_default(),
+                None => Vec::new(),
+            };
             let mut rows = Vec::new();
             for s in &servers {
                 for d in p.disks(&s.name)? {
+                    let served = live
+                        .iter()
+                        .find(|l| l["server"] == s.name.as_str() && l["disk"] == d.name.as_str());
                     let paths = p.disk_paths(&s.name, &d.name);
                     let allocated = std::fs::metadata(&paths.data)
                         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
@@ -406,12 +413,23 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
                     let cbt = cairn_volume::volume::read_cbt(&paths, d.size)
                         .ok()
                         .flatten();
+                    let (base, changed) = match served {
+                        Some(l) => (l["change_base"].clone(), l["changed_bytes"].clone()),
+                        None => (
+                            cbt.as_ref().map(|(b, _)| b.point.to_string()).into(),
+                            cbt.as_ref()
+                                .map(|(_, m)| m.count() * cairn_volume::volume::GRAIN)
+                                .into(),
+                        ),
+                    };
                     rows.push(serde_json::json!({
                         "server": s.name, "disk": d.name, "size": d.size, "allocated": allocated,
                         "state": s.state,
+                        "served": served.is_some(),
                         "clone_of": d.origin.as_ref().map(|o| format!("{}:{}", o.point, o.disk)),
-                        "change_base": cbt.as_ref().map(|(b, _)| b.point.to_string()),
-                        "changed_bytes": cbt.as_ref().map(|(_, m)| m.count() * cairn_volume::volume::GRAIN),
+                        "hydration": served.map(|l| l["hydration"].clone()),
+                        "change_base": base,
+                        "changed_bytes": changed,
                     }));
                 }
             }
