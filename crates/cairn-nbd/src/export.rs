@@ -85,6 +85,20 @@ impl FileExport {
     }
 }
 
+/// Reads `len` bytes at `offset` into a new buffer (not zeroed first).
+fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(buf)
+}
+
 fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
     rustix::fs::fallocate(file, flags, offset, len)?;
@@ -138,11 +152,7 @@ impl BlockExport for FileExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-        let read = move |f: &File| {
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
-        };
+        let read = move |f: &File| read_at(f, offset, len as usize);
         if len <= INLINE_IO {
             // A small read is a copy from the page cache (or one device read): cheaper
             // than the hand-off to the blocking pool and back.

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use cairn_format::zero::is_zero;
@@ -221,9 +221,6 @@ enum Polled {
 
 impl Poller {
     fn of(socket: &impl std::os::fd::AsFd) -> Option<Poller> {
-        if std::env::var_os("NBD_NOPOLL").is_some() {
-            return None;
-        }
         let fd = socket.as_fd().try_clone_to_owned().ok()?;
         Some(Poller { fd })
     }
@@ -306,6 +303,9 @@ impl RecvBuf {
 ///    [`Poller`]).
 ///
 /// At most [`MAX_IN_FLIGHT`] requests wait in tasks; replies go out in completion order.
+/// When the export's [`BlockExport::closed`] turns true, requests in flight finish and
+/// are answered, later ones are refused with `ESHUTDOWN`, and the connection closes as
+/// soon as nothing is in flight.
 async fn transmission<S>(
     mut stream: S,
     leftover: BytesMut,
@@ -325,6 +325,10 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Request, Outcome)>();
     let mut in_flight = 0u32;
     let mut reading = true;
+    // The export is going away: requests still in flight finish, new ones are refused
+    // with ESHUTDOWN (the client must then disconnect), and once nothing is in flight
+    // the connection closes.
+    let mut closing = false;
     let mut outcome: Result<(), ConnectionError> = Ok(());
     // When the last reply went out alone with nothing in flight, and whether the client
     // answered the one before within the polling window.
@@ -332,14 +336,13 @@ where
     // Requests in a row that came alone, each within the window of the reply before it.
     let mut streak = 0u32;
     loop {
-        if closed.as_ref().is_some_and(|c| *c.borrow()) {
-            // The export is going away: no new requests; in-flight ones still finish.
-            reading = false;
+        if !closing && closed.as_ref().is_some_and(|c| *c.borrow()) {
+            closing = true;
         }
         // 1. Serve every whole request already received.
         let mut more = false;
         let mut served = 0usize;
-        while reading && in_flight < MAX_IN_FLIGHT {
+        while reading && (closing || in_flight < MAX_IN_FLIGHT) {
             let Some(header) = rbuf.data().first_chunk::<REQUEST_HEADER_LEN>() else {
                 break;
             };
@@ -365,14 +368,14 @@ where
                 p
             } else {
                 rbuf.consume(REQUEST_HEADER_LEN);
-                let mut p = vec![0u8; len];
+                let mut p = Vec::with_capacity(len);
                 let have = rbuf.data().len().min(len);
-                p[..have].copy_from_slice(&rbuf.data()[..have]);
+                p.extend_from_slice(&rbuf.data()[..have]);
                 rbuf.consume(have);
                 if have < len {
                     // The rest is still on its way: send what is ready before waiting.
                     batch.write_to(&mut stream).await?;
-                    if let Err(e) = stream.read_exact(&mut p[have..]).await {
+                    if let Err(e) = read_rest(&mut stream, &mut p, len).await {
                         outcome = Err(e.into());
                         reading = false;
                         break;
@@ -385,6 +388,11 @@ where
                 break;
             }
             served += 1;
+            if closing {
+                let refused = Outcome::Failed(ESHUTDOWN, "the export is shutting down".into());
+                batch.push(structured, req, refused);
+                continue;
+            }
             let mut call = Box::pin(execute(export.clone(), neg.clone(), req, payload));
             match poll_once(&mut call).await {
                 Some(o) => batch.push(structured, req, o),
@@ -411,7 +419,7 @@ where
         if more {
             continue;
         }
-        if !reading && in_flight == 0 {
+        if (closing || !reading) && in_flight == 0 {
             break;
         }
         if served > 0 {
@@ -422,7 +430,7 @@ where
         }
         // 3. Wait; first poll for a moment if the client works at queue depth 1.
         if let Some(p) = poller.as_ref().filter(|_| {
-            streak >= POLL_AFTER && replied_alone.is_some() && reading && in_flight == 0
+            streak >= POLL_AFTER && replied_alone.is_some() && reading && !closing && in_flight == 0
         }) {
             match p.poll(rbuf.spare()) {
                 Ok(Polled::Got(0)) => {
@@ -449,7 +457,7 @@ where
                 in_flight -= 1;
                 batch.push(structured, req, o);
             }
-            r = stream.read(rbuf.spare()), if reading && in_flight < MAX_IN_FLIGHT => match r {
+            r = stream.read(rbuf.spare()), if reading && (closing || in_flight < MAX_IN_FLIGHT) => match r {
                 // The client hung up without NBD_CMD_DISC: a hard disconnect.
                 Ok(0) => reading = false,
                 Ok(n) => {
@@ -464,7 +472,7 @@ where
                     reading = false;
                 }
             },
-            r = changed(&mut closed), if reading && closed.is_some() => {
+            r = changed(&mut closed), if !closing && closed.is_some() => {
                 if r.is_err() {
                     // Nobody can close it any more.
                     closed = None;
@@ -479,6 +487,21 @@ where
     }
     .await;
     outcome.and(closing.map_err(ConnectionError::from))
+}
+
+/// Reads into `buf` until it holds `len` bytes (straight into its spare capacity).
+async fn read_rest<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<()> {
+    while buf.len() < len {
+        let want = len - buf.len();
+        if stream.read_buf(&mut (&mut *buf).limit(want)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) -> Result<(), ()> {

@@ -287,3 +287,256 @@ fn hostile_input_closes_only_that_connection() {
         assert!(ok && !out.contains("failed"), "{out}");
     }
 }
+
+/// An export whose reads at offset 0 wait for a gate, and whose `closed` the test flips.
+struct Closable {
+    file: FileExport,
+    gate: Arc<tokio::sync::Semaphore>,
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl BlockExport for Closable {
+    fn info(&self) -> ExportInfo {
+        self.file.info()
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        if offset == 0 {
+            let _ = self.gate.acquire().await;
+        }
+        self.file.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        self.file.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.file.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
+        self.file.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.file.write_zeroes(offset, len, may_punch, fua).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<(u32, u32)>> {
+        self.file.block_status(offset, len).await
+    }
+    fn closed(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.closed.clone())
+    }
+}
+
+struct OneExport(Arc<dyn BlockExport>);
+
+impl Exports for OneExport {
+    fn list(&self) -> Vec<ExportInfo> {
+        vec![self.0.info()]
+    }
+    fn open(&self, name: &str) -> Option<Arc<dyn BlockExport>> {
+        (name == self.0.info().name).then(|| self.0.clone())
+    }
+}
+
+/// Connects with `NBD_OPT_EXPORT_NAME` (simple replies, no zeroes); returns the socket
+/// in transmission and the export size.
+fn raw_client(addr: &str, name: &str) -> (std::net::TcpStream, u64) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    let mut hello = 3u32.to_be_bytes().to_vec(); // fixed newstyle, no zeroes
+    hello.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
+    hello.extend_from_slice(&1u32.to_be_bytes());
+    hello.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    hello.extend_from_slice(name.as_bytes());
+    s.write_all(&hello).unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    (s, u64::from_be_bytes(export[..8].try_into().unwrap()))
+}
+
+fn send_read(s: &mut std::net::TcpStream, handle: u64, offset: u64, len: u32) {
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    s.write_all(&r).unwrap();
+}
+
+/// Reads one simple reply: (handle, error, data); data only without an error.
+fn read_reply(s: &mut std::net::TcpStream, len: usize) -> (u64, u32, Vec<u8>) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(h[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
+    let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    let handle = u64::from_be_bytes(h[8..].try_into().unwrap());
+    let mut data = vec![0u8; if error == 0 { len } else { 0 }];
+    s.read_exact(&mut data).unwrap();
+    (handle, error, data)
+}
+
+#[test]
+fn closed_export_finishes_in_flight_requests_then_disconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    let content = noise(5, 1 << 20);
+    std::fs::write(&disk, &content).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (close, closed) = tokio::sync::watch::channel(false);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let export = Arc::new(Closable {
+        file: FileExport::open(&disk, "d", false).unwrap(),
+        gate: gate.clone(),
+        closed,
+    });
+    let addr = rt.block_on(async {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap().to_string();
+        tokio::spawn(serve_tcp(tcp, Arc::new(OneExport(export))));
+        addr
+    });
+    let (mut s, size) = raw_client(&addr, "d");
+    assert_eq!(size, 1 << 20);
+
+    // A slow read (waits for the gate) and a fast one: the fast one is answered first.
+    send_read(&mut s, 1, 0, 4096);
+    send_read(&mut s, 2, 8192, 4096);
+    let (handle, error, data) = read_reply(&mut s, 4096);
+    assert_eq!((handle, error), (2, 0));
+    assert_eq!(data, content[8192..12288]);
+
+    // The export closes while the slow read is in flight: a new request is refused
+    // with ESHUTDOWN, the slow read still completes, then the server disconnects.
+    close.send(true).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    send_read(&mut s, 3, 4096, 4096);
+    let (handle, error, _) = read_reply(&mut s, 4096);
+    assert_eq!((handle, error), (3, 108), "ESHUTDOWN");
+    gate.add_permits(1);
+    let (handle, error, data) = read_reply(&mut s, 4096);
+    assert_eq!((handle, error), (1, 0));
+    assert_eq!(data, content[..4096]);
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "EOF after the last reply"
+    );
+
+    // A connection made while the export is closed is refused at once.
+    let (mut s, _) = raw_client(&addr, "d");
+    send_read(&mut s, 4, 4096, 4096);
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).unwrap_or(0);
+    assert!(n == 0 || n == 16, "at most an ESHUTDOWN reply: {n} bytes");
+}
+
+fn request(command: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&command.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+#[test]
+fn many_requests_in_flight_of_every_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    let size = 16usize << 20;
+    let mut model = noise(9, size);
+    std::fs::write(&disk, &model).unwrap();
+    let srv = start(dir.path(), vec![("d", disk.clone(), false)]);
+    let addr = format!("127.0.0.1:{}", srv.port);
+    let (mut s, _) = raw_client(&addr, "d");
+    // Sizes around every path: small (inline), past the buffered payload (64 KiB), past
+    // inline I/O (256 KiB: on the blocking pool), several MiB.
+    let sizes = [
+        1u32,
+        4096,
+        65536,
+        65537,
+        100_000,
+        262_144,
+        262_145,
+        1 << 20,
+        3 << 20,
+    ];
+
+    // Writes to disjoint ranges, all sent before any reply is read.
+    let mut writes = Vec::new();
+    let mut at = 0u64;
+    for (i, &len) in sizes.iter().cycle().take(27).enumerate() {
+        let data = noise(100 + i as u64, len as usize);
+        writes.push((i as u64, at, data));
+        at += u64::from(len) + 512;
+    }
+    assert!(at <= size as u64);
+    let mut tx = s.try_clone().unwrap();
+    let to_send = writes.clone();
+    let sender = std::thread::spawn(move || {
+        for (handle, offset, data) in to_send {
+            tx.write_all(&request(1, handle, offset, data.len() as u32))
+                .unwrap();
+            tx.write_all(&data).unwrap();
+        }
+    });
+    let mut done = std::collections::HashSet::new();
+    for _ in 0..writes.len() {
+        let (handle, error, _) = read_reply(&mut s, 0);
+        assert_eq!(error, 0, "write {handle}");
+        assert!(done.insert(handle), "one reply per request");
+    }
+    sender.join().unwrap();
+    for (_, offset, data) in &writes {
+        model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+
+    // Reads of every size at scattered offsets, all in flight at once.
+    let reads: Vec<(u64, u64, u32)> = sizes
+        .iter()
+        .cycle()
+        .take(40)
+        .enumerate()
+        .map(|(i, &len)| {
+            let offset = (i as u64 * 7_919_003) % (size as u64 - u64::from(len));
+            (1000 + i as u64, offset, len)
+        })
+        .collect();
+    let mut all = Vec::new();
+    for &(handle, offset, len) in &reads {
+        all.extend_from_slice(&request(0, handle, offset, len));
+    }
+    s.write_all(&all).unwrap();
+    let by_handle: HashMap<u64, (u64, u32)> = reads.iter().map(|&(h, o, l)| (h, (o, l))).collect();
+    for _ in 0..reads.len() {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).unwrap();
+        let handle = u64::from_be_bytes(h[8..].try_into().unwrap());
+        assert_eq!(&h[4..8], &[0, 0, 0, 0], "read {handle} failed");
+        let (offset, len) = by_handle[&handle];
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).unwrap();
+        assert!(
+            data == model[offset as usize..offset as usize + len as usize],
+            "read {handle} at {offset} (+{len}) returned other bytes"
+        );
+    }
+    // The file holds exactly the model.
+    assert!(std::fs::read(&disk).unwrap() == model);
+}
