@@ -63,6 +63,8 @@ pub struct Host {
     attached: tokio::sync::Mutex<BTreeMap<String, Attached>>,
     exports: Mutex<BTreeMap<String, Arc<dyn BlockExport>>>,
     points: Mutex<HashMap<String, Arc<dyn BlockExport>>>,
+    /// One point at a time per server (a second request waits for the first).
+    taking: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Background hydration: chunks in flight per clone.
     pub hydration_concurrency: usize,
 }
@@ -83,6 +85,7 @@ impl Host {
             attached: tokio::sync::Mutex::new(BTreeMap::new()),
             exports: Mutex::new(BTreeMap::new()),
             points: Mutex::new(HashMap::new()),
+            taking: Mutex::new(HashMap::new()),
             hydration_concurrency: 2,
         }))
     }
@@ -269,6 +272,14 @@ impl Host {
     ) -> Result<ServerPoint, VolumeError> {
         let meta = self.pool.server(server)?;
         let space = self.space()?.clone();
+        let one = self
+            .taking
+            .lock()
+            .expect("poisoned")
+            .entry(server.to_string())
+            .or_default()
+            .clone();
+        let _one = one.lock().await;
         if let Some(vols) = self.volumes(server).await {
             return point_of(
                 &space, &self.pool, &meta, &vols, operator, trigger, progress,

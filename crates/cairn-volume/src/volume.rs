@@ -202,6 +202,11 @@ impl Volume {
             }
         };
         let cbt_was_valid = base.is_some();
+        let file = Arc::new(file);
+        let clone = match &meta.origin {
+            None => None,
+            Some(origin) => Some(CloneState::open(pool, meta, origin, &paths, space).await?),
+        };
         // From here on the map on disk is `open`: a crash leaves it invalid.
         mapfile::write(
             &paths.cbt,
@@ -213,11 +218,7 @@ impl Volume {
             },
             &Bitmap::new(0),
         )?;
-        let file = Arc::new(file);
-        let clone = match &meta.origin {
-            None => None,
-            Some(origin) => Some(CloneState::open(pool, meta, origin, &paths, space).await?),
-        };
+
         let (closed, _) = watch::channel(false);
         Ok(Arc::new(Volume {
             server: meta.server.clone(),
@@ -273,6 +274,11 @@ impl Volume {
             disk: b.disk,
         });
         let map = self.cbt.lock().expect("poisoned").clone();
+        // A point still being taken may not commit: its frozen changes count as changes
+        // since the base until it does.
+        if let Some(snap) = self.snap.lock().expect("poisoned").as_ref() {
+            map.merge(&snap.frozen);
+        }
         mapfile::write(
             &self.paths.cbt,
             &CbtHeader {
@@ -543,6 +549,12 @@ impl Volume {
     /// Freezes this disk for a point (the caller holds the write gate of every disk of
     /// the server, see [`crate::host::freeze`]). `chunk` is the space's chunk size.
     pub(crate) fn begin_snapshot(&self, chunk: u64) -> Result<(), VolumeError> {
+        if self.snap.lock().expect("poisoned").is_some() {
+            return Err(VolumeError::Other(format!(
+                "a recovery point of {}/{} is already being taken",
+                self.server, self.name
+            )));
+        }
         let frozen = {
             let mut cbt = self.cbt.lock().expect("poisoned");
             std::mem::replace(&mut *cbt, Arc::new(Bitmap::new(self.size.div_ceil(GRAIN))))
