@@ -67,6 +67,7 @@ pub struct Host {
     taking: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Background hydration: chunks in flight per clone.
     pub hydration_concurrency: usize,
+    background_hydration: std::sync::atomic::AtomicBool,
 }
 
 impl Host {
@@ -87,6 +88,7 @@ impl Host {
             points: Mutex::new(HashMap::new()),
             taking: Mutex::new(HashMap::new()),
             hydration_concurrency: 2,
+            background_hydration: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 
@@ -101,6 +103,13 @@ impl Host {
                 self.space_error.as_deref().unwrap_or("unknown error")
             ))
         })
+    }
+
+    /// Whether servers started from now on hydrate their clones in the background (on by
+    /// default; off, clones fill only as they are read, or by `cairn disk hydrate`).
+    pub fn set_background_hydration(&self, on: bool) {
+        self.background_hydration
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Attaches every server whose desired state is running.
@@ -158,7 +167,10 @@ impl Host {
             }
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        for v in volumes.iter().filter(|v| !v.is_hydrated()) {
+        let background = self
+            .background_hydration
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for v in volumes.iter().filter(|v| background && !v.is_hydrated()) {
             let host = self.clone();
             let v = v.clone();
             let stop = stop_rx.clone();

@@ -41,6 +41,8 @@ async fn setup(disks: &[(&str, u64)]) -> Setup {
         host::create_disk(&pool, "db", d, *size).unwrap();
     }
     let host = Host::open(&dir.path().join("pool")).await.unwrap();
+    // Clones fill only as read (or hydrated by a test), so tests see them unhydrated.
+    host.set_background_hydration(false);
     let socket = dir.path().join("nbd.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let exports: Arc<dyn cairn_nbd::server::Exports> = host.clone();

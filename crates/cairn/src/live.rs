@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// Also listen on this Unix socket.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Do not hydrate clones in the background (they fill as they are read, or with
+    /// `cairn disk hydrate`).
+    #[arg(long)]
+    no_hydrate: bool,
 }
 
 fn spec(s: &str) -> Result<(String, String)> {
@@ -638,6 +642,7 @@ pub async fn rollback(
 pub async fn serve_nbd(a: ServeArgs) -> Result<ExitCode> {
     let control = serve::bind_control(&a.pool).await?;
     let h = Host::open(&a.pool).await?;
+    h.set_background_hydration(!a.no_hydrate);
     for (server, e) in h.attach_running().await {
         eprintln!("warning: server {server} not started: {e}");
     }
