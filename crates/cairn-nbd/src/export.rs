@@ -85,8 +85,9 @@ impl FileExport {
     }
 }
 
-/// Reads `len` bytes at `offset` into a new buffer (not zeroed first).
-fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+/// Reads `len` bytes at `offset` into a new buffer (not zeroed first). Shared with the
+/// other file-backed exports (cairn-volume), like the helpers below.
+pub fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(len);
     while buf.len() < len {
         let at = offset + buf.len() as u64;
@@ -99,13 +100,15 @@ fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Punches a hole (keeps the size).
+pub fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
     rustix::fs::fallocate(file, flags, offset, len)?;
     Ok(())
 }
 
-fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Makes a range read as zeros, allocated: `FALLOC_FL_ZERO_RANGE`, else zeros written.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
     if rustix::fs::fallocate(file, flags, offset, len).is_ok() {
         return Ok(());
@@ -120,7 +123,8 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn extents(file: &File, offset: u64, len: u32) -> std::io::Result<Vec<Extent>> {
+/// `base:allocation` extents of a file from `SEEK_DATA`/`SEEK_HOLE`.
+pub fn extents(file: &File, offset: u64, len: u32) -> std::io::Result<Vec<Extent>> {
     use rustix::fs::{SeekFrom, seek};
     let end = offset + u64::from(len);
     let mut out = Vec::new();

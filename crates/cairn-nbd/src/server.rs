@@ -583,6 +583,8 @@ fn errno_of(e: &std::io::Error) -> u32 {
         Some(28) => ENOSPC,
         Some(1 | 13 | 30) => EPERM,
         Some(12) => ENOMEM,
+        // A stopped server's disk: the client should reconnect later.
+        Some(108) => ESHUTDOWN,
         _ => EIO,
     }
 }

@@ -19,9 +19,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use cairn_format::id::PointId;
-use cairn_nbd::export::{BlockExport, Extent};
+use cairn_nbd::export::{BlockExport, Extent, extents, read_at, zero_range};
 use cairn_nbd::handshake::ExportInfo;
-use cairn_nbd::proto::{STATE_HOLE, STATE_ZERO};
 use cairn_store::SpaceError;
 use cairn_store::source::{ChangeBase, ChunkSource};
 use serde::{Deserialize, Serialize};
@@ -495,9 +494,11 @@ impl Volume {
             c.ensure_present(&self.file, offset, len).await?;
         }
         self.run(len <= INLINE_IO, move |v| {
-            let mut buf = vec![0u8; usize::try_from(len).expect("request size is limited")];
-            v.file.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
+            read_at(
+                &v.file,
+                offset,
+                usize::try_from(len).expect("request size is limited"),
+            )
         })
         .await
     }
@@ -514,7 +515,7 @@ impl Volume {
         let guard = self.before_change(offset, len).await?;
         self.run(false, move |v| {
             v.preserve(offset, len)?;
-            if !(punch && punch_hole(&v.file, offset, len).is_ok()) {
+            if !(punch && cairn_nbd::export::punch(&v.file, offset, len).is_ok()) {
                 zero_range(&v.file, offset, len)?;
             }
             if fua {
@@ -635,52 +636,6 @@ impl Volume {
             runtime: tokio::runtime::Handle::current(),
         })
     }
-}
-
-fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
-    rustix::fs::fallocate(file, flags, offset, len)?;
-    Ok(())
-}
-
-/// Makes a range read as zeros, allocated (no hole).
-pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
-    if rustix::fs::fallocate(file, flags, offset, len).is_ok() {
-        return Ok(());
-    }
-    let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).expect("small")];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        file.write_all_at(&zeros[..usize::try_from(n).expect("small")], offset + done)?;
-        done += n;
-    }
-    Ok(())
-}
-
-/// `base:allocation` extents of a sparse file from `SEEK_DATA`/`SEEK_HOLE`.
-pub(crate) fn extents(file: &File, offset: u64, len: u32) -> std::io::Result<Vec<Extent>> {
-    use rustix::fs::{SeekFrom, seek};
-    let end = offset + u64::from(len);
-    let mut out = Vec::new();
-    let mut pos = offset;
-    while pos < end && out.len() < 1024 {
-        let data = match seek(file, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => end,
-            Err(_) => return Ok(vec![(len, 0)]),
-        };
-        let (stop, flags) = if data > pos {
-            (data.min(end), STATE_HOLE | STATE_ZERO)
-        } else {
-            let hole = seek(file, SeekFrom::Hole(pos)).unwrap_or(end);
-            (hole.min(end), 0)
-        };
-        out.push((u32::try_from(stop - pos).unwrap_or(u32::MAX), flags));
-        pos = stop;
-    }
-    Ok(out)
 }
 
 /// A frozen disk, read by point creation.
