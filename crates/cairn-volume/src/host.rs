@@ -572,10 +572,13 @@ async fn point_of(
             Some(b)
                 if bases
                     .iter()
-                    .all(|x| x.as_ref().map(|x| x.point) == Some(b.point)) =>
+                    .all(|x| x.as_ref().map(|x| x.point) == Some(b.point))
+                    && space.point_exists(&b.point).await? =>
             {
                 ParentChoice::Id(b.point)
             }
+            // A base deleted since: the newest point of the server is the parent, and
+            // the base's absence is found again below (the point is then taken whole).
             _ => ParentChoice::Latest,
         };
         let sources: Vec<NamedSource> = vols
@@ -604,9 +607,11 @@ async fn point_of(
                     warnings,
                 });
             }
-            Err(SpaceError::BaseGone { disk, point }) if attempt == 0 => {
+            Err(e @ (SpaceError::BaseGone { .. } | SpaceError::PointNotFound(_)))
+                if attempt == 0 =>
+            {
                 warnings.push(format!(
-                    "disk {disk}: its change base {point} is gone; the point was taken again reading the whole disk"
+                    "{e}; the point was taken again reading the whole disk"
                 ));
                 for v in vols {
                     v.end_snapshot(None);

@@ -389,7 +389,10 @@ impl Volume {
         self.check_open()?;
         let len = data.len() as u64;
         let guard = self.before_change(offset, len).await?;
-        self.run(len <= INLINE_IO && !fua, move |v| {
+        // While a point is taken, copy-before-write may wait for the point's reader of
+        // the same chunk: never on a runtime thread, which serves other requests too.
+        let snapshot = self.snap.lock().expect("poisoned").is_some();
+        self.run(len <= INLINE_IO && !fua && !snapshot, move |v| {
             v.preserve(offset, len)?;
             v.file.write_all_at(&data, offset)?;
             if fua {
@@ -610,7 +613,12 @@ impl Volume {
             }
             None => self.cbt.lock().expect("poisoned").merge(&snap.frozen),
         }
-        let _ = std::fs::remove_file(&self.paths.cow);
+        // Unlinking a large sparse buffer can take a while: not on the request path.
+        let cow = self.paths.cow.clone();
+        let stale = cow.with_extension(format!("cow-{}", uuid::Uuid::new_v4().simple()));
+        if std::fs::rename(&cow, &stale).is_ok() {
+            std::thread::spawn(move || std::fs::remove_file(stale));
+        }
     }
 
     /// Forgets the base (the next point reads the whole disk).

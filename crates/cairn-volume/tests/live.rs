@@ -600,3 +600,40 @@ async fn hooks_run_around_the_freeze() {
     );
     assert!(!pool.disk_paths("bad", "a").cow.exists(), "nothing frozen");
 }
+
+/// Deleting a server's latest point (its disks' change base) does not block the next
+/// point: it is taken whole, with a warning, and tracking resumes from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_base_point_costs_one_full_read() {
+    let s = setup(&[("a", 4 << 20)]).await;
+    let space = s.host.space().unwrap().clone();
+    s.host.start("db").await.unwrap();
+    let mut c = Client::connect(&s.socket, "db/a").await.unwrap();
+    c.write(0, &[3u8; 65536]).await.unwrap();
+    let first = s
+        .host
+        .take_point("db", "t", "t", &NoProgress)
+        .await
+        .unwrap()
+        .record;
+    cairn_store::gc::delete_points(&space, &[first.id])
+        .await
+        .unwrap();
+    c.write(1 << 20, &[4u8; 4096]).await.unwrap();
+    let second = s
+        .host
+        .take_point("db", "t", "t", &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(second.warnings.len(), 1, "{:?}", second.warnings);
+    let third = s
+        .host
+        .take_point("db", "t", "t", &NoProgress)
+        .await
+        .unwrap();
+    assert!(third.tracked[0].1 && third.record.stats.bytes_read == 0);
+    let out = s.dir.path().join("r");
+    let got = restore(&space, &second.record.id, "a", &out).await;
+    assert_eq!(got[..65536], [3u8; 65536]);
+    assert_eq!(got[1 << 20..(1 << 20) + 4096], [4u8; 4096]);
+}
