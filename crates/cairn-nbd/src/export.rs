@@ -85,9 +85,16 @@ impl FileExport {
     }
 }
 
-/// Reads `len` bytes at `offset` into a new buffer (not zeroed first). Shared with the
-/// other file-backed exports (cairn-volume), like the helpers below.
+/// Reads `len` bytes at `offset` into a new buffer: a pooled one (see
+/// [`crate::server::pool`]) when large, else a fresh one read into without zeroing it.
+/// Shared with the other file-backed exports (cairn-volume), like the helpers below.
 pub fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use crate::server::pool;
+    if pool::pooled(len) {
+        let mut buf = pool::take(len);
+        file.read_exact_at(&mut buf, offset)?;
+        return Ok(buf);
+    }
     let mut buf = Vec::with_capacity(len);
     while buf.len() < len {
         let at = offset + buf.len() as u64;
@@ -97,6 +104,7 @@ pub fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>>
             Err(e) => return Err(e.into()),
         }
     }
+    buf.truncate(len);
     Ok(buf)
 }
 
@@ -170,6 +178,7 @@ impl BlockExport for FileExport {
         let inline = data.len() <= INLINE_IO as usize && !fua;
         let write = move |f: &File| {
             f.write_all_at(&data, offset)?;
+            crate::server::pool::give(data);
             if fua {
                 rustix::fs::fdatasync(f)?;
             }
