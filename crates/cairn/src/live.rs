@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use cairn_volume::Pool;
 use cairn_volume::host::{self, Host};
+use cairn_volume::pool::ServerState;
 use cairn_volume::serve::{self, Answer, Request};
 use clap::{Args, Subcommand};
 
@@ -298,22 +299,9 @@ pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
             }
         }
         ServerCommand::Start { pool, name } => {
-            let p = Pool::open(&pool)?;
-            p.server(&name)?;
-            if remote(
-                &pool,
-                Request::Start {
-                    server: name.clone(),
-                },
-            )
-            .await?
-            .is_some()
-            {
+            if set_state(&pool, &name, ServerState::Running).await? {
                 println!("server {name} is running: its disks are exported as {name}/<disk>");
             } else {
-                let mut m = p.server(&name)?;
-                m.state = cairn_volume::pool::ServerState::Running;
-                p.save_server(&m)?;
                 println!(
                     "server {name} is marked running; its disks are exported while `cairn serve-nbd {}` runs",
                     pool.display()
@@ -321,21 +309,7 @@ pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
             }
         }
         ServerCommand::Stop { pool, name } => {
-            let p = Pool::open(&pool)?;
-            p.server(&name)?;
-            if remote(
-                &pool,
-                Request::Stop {
-                    server: name.clone(),
-                },
-            )
-            .await?
-            .is_none()
-            {
-                let mut m = p.server(&name)?;
-                m.state = cairn_volume::pool::ServerState::Stopped;
-                p.save_server(&m)?;
-            }
+            set_state(&pool, &name, ServerState::Stopped).await?;
             println!("server {name} is stopped");
         }
         ServerCommand::Delete { pool, name } => {
@@ -345,6 +319,24 @@ pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts or stops a server through the serving process (true), or records the desired
+/// state for the next `serve-nbd` when none runs (false).
+async fn set_state(pool: &Path, name: &str, state: ServerState) -> Result<bool> {
+    let p = Pool::open(pool)?;
+    let mut m = p.server(name)?;
+    let server = name.to_string();
+    let req = match state {
+        ServerState::Running => Request::Start { server },
+        ServerState::Stopped => Request::Stop { server },
+    };
+    if remote(pool, req).await?.is_some() {
+        return Ok(true);
+    }
+    m.state = state;
+    p.save_server(&m)?;
+    Ok(false)
 }
 
 pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
