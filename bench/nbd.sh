@@ -57,11 +57,15 @@ probe() {
   trap "kill $pid 2>/dev/null || true" EXIT
   for _ in $(seq 100); do nbdinfo --size "$URI" >/dev/null 2>&1 && break; sleep 0.05; done
   for row in randread:1 randread:32 randwrite:1 randwrite:32; do
+    sync
     t0=$(ticks "$pid"); read -r v b < <(fio_row "${row%:*}" "${row#*:}"); t1=$(ticks "$pid")
     record "$name" "${row/:/-qd}" "$(printf '%.0f' "$v")" "$b" "$t0" "$t1"
   done
+  # Dirty data of earlier rows is written back first, so it does not land in this one.
+  sync
   t0=$(ticks "$pid"); a=$(date +%s.%N); nbdcopy "$URI" "$W/out.img"; b=$(date +%s.%N); t1=$(ticks "$pid")
   record "$name" seqread "$(echo "$a $b" | awk '{printf "%.3f", $2 - $1}')" "$((SIZE_MIB << 20))" "$t0" "$t1"
+  sync
   t0=$(ticks "$pid"); a=$(date +%s.%N); nbdcopy "$W/out.img" "$URI"; b=$(date +%s.%N); t1=$(ticks "$pid")
   record "$name" seqwrite "$(echo "$a $b" | awk '{printf "%.3f", $2 - $1}')" "$((SIZE_MIB << 20))" "$t0" "$t1"
   kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -183,6 +183,19 @@ const BATCH_BYTES: usize = 1 << 20;
 const POLL_WINDOW: Duration = Duration::from_micros(100);
 /// Requests in a row at queue depth 1 before a connection starts polling.
 const POLL_AFTER: u32 = 8;
+/// A request that arrives sooner than this after a reply was sent before the client
+/// could have seen that reply: the client does not wait for replies (it is busy with
+/// other requests), and polling would only take CPU from it.
+const TOO_SOON: Duration = Duration::from_micros(3);
+
+/// The queue-depth-1 streak after a request arrived: one longer if it came within the
+/// polling window of a reply sent alone (but not too soon to be an answer to it).
+fn after_arrival(streak: u32, replied_alone: Option<Instant>) -> u32 {
+    match replied_alone.map(|t| t.elapsed()) {
+        Some(gap) if (TOO_SOON..POLL_WINDOW).contains(&gap) => streak.saturating_add(1),
+        _ => 0,
+    }
+}
 
 /// Busy-polling for a client that sends one request at a time and the next one right
 /// after each reply (queue depth 1).
@@ -456,14 +469,10 @@ where
                 let have = rbuf.data().len().min(len);
                 p[..have].copy_from_slice(&rbuf.data()[..have]);
                 rbuf.consume(have);
-                if have < len {
-                    // The rest is still on its way: send what is ready before waiting.
-                    batch.write_to(&mut stream).await?;
-                    if let Err(e) = stream.read_exact(&mut p[have..]).await {
-                        outcome = Err(e.into());
-                        reading = false;
-                        break;
-                    }
+                if let Err(e) = read_payload(&mut stream, &mut p[have..], &mut batch).await {
+                    outcome = Err(e);
+                    reading = false;
+                    break;
                 }
                 p
             };
@@ -523,7 +532,7 @@ where
                 }
                 Ok(Polled::Got(n)) => {
                     rbuf.filled(n);
-                    streak = streak.saturating_add(1);
+                    streak = after_arrival(streak, replied_alone);
                     continue;
                 }
                 Ok(Polled::Quiet) => streak = 0,
@@ -546,10 +555,7 @@ where
                 Ok(0) => reading = false,
                 Ok(n) => {
                     rbuf.filled(n);
-                    streak = match replied_alone {
-                        Some(t) if t.elapsed() < POLL_WINDOW => streak.saturating_add(1),
-                        _ => 0,
-                    };
+                    streak = after_arrival(streak, replied_alone);
                 }
                 Err(e) => {
                     outcome = Err(e.into());
@@ -571,6 +577,34 @@ where
     }
     .await;
     outcome.and(closing.map_err(ConnectionError::from))
+}
+
+/// Fills `buf` from the stream; replies waiting in `batch` are sent first whenever the
+/// read has to wait (not before every read: under a stream of large writes, their
+/// replies then go out together).
+async fn read_payload<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut buf: &mut [u8],
+    batch: &mut Batch,
+) -> Result<(), ConnectionError> {
+    while !buf.is_empty() {
+        let now = {
+            let mut read = std::pin::pin!(stream.read(buf));
+            poll_once(&mut read).await
+        };
+        let n = match now {
+            Some(r) => r?,
+            None => {
+                batch.write_to(stream).await?;
+                stream.read(buf).await?
+            }
+        };
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        buf = &mut buf[n..];
+    }
+    Ok(())
 }
 
 async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) -> Result<(), ()> {
