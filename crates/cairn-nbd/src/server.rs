@@ -390,6 +390,17 @@ impl RecvBuf {
         &mut self.buf[self.hi..]
     }
 
+    /// [`RecvBuf::spare`], or only room for the rest of a request header.
+    fn spare_for(&mut self, header_only: bool) -> &mut [u8] {
+        let have = self.hi - self.lo;
+        let spare = self.spare();
+        if header_only && have < REQUEST_HEADER_LEN {
+            &mut spare[..REQUEST_HEADER_LEN - have]
+        } else {
+            spare
+        }
+    }
+
     fn filled(&mut self, n: usize) {
         self.hi += n;
     }
@@ -439,6 +450,10 @@ where
     let mut replied_alone: Option<Instant> = None;
     // Requests in a row that came alone, each within the window of the reply before it.
     let mut streak = 0u32;
+    // The last request was a write too large for the read buffer: the next is likely
+    // one too, so only its header is read into the buffer and its payload goes straight
+    // into its own (no copy out of the read buffer).
+    let mut large_writes = false;
     loop {
         if !closing && closed.as_ref().is_some_and(|c| *c.borrow()) {
             closing = true;
@@ -461,6 +476,7 @@ where
                 }
             };
             let len = req.payload_len();
+            large_writes = len > BUFFERED_PAYLOAD;
             let payload = if len <= BUFFERED_PAYLOAD {
                 let Some(p) = rbuf
                     .data()
@@ -560,7 +576,7 @@ where
                 in_flight -= 1;
                 batch.push(structured, req, o);
             }
-            r = stream.read(rbuf.spare()), if reading && (closing || in_flight < MAX_IN_FLIGHT) => match r {
+            r = stream.read(rbuf.spare_for(large_writes)), if reading && (closing || in_flight < MAX_IN_FLIGHT) => match r {
                 // The client hung up without NBD_CMD_DISC: a hard disconnect.
                 Ok(0) => reading = false,
                 Ok(n) => {
