@@ -209,7 +209,7 @@ fn after_arrival(streak: u32, replied_alone: Option<Instant>) -> u32 {
 /// of microseconds (measured here: 4 KiB reads at queue depth 1, 9-11k IOPS when the
 /// server sleeps, 24-28k when it polls). So after such a reply the connection polls its
 /// socket with non-blocking reads for up to [`POLL_WINDOW`] before it sleeps, yielding
-/// the CPU between reads. It polls only after [`POLL_AFTER`] requests in a row that
+/// the CPU between reads (the poll holds its runtime worker thread for that long). It polls only after [`POLL_AFTER`] requests in a row that
 /// each came alone, were at most [`POLL_MAX_LEN`] long, and arrived within the window
 /// of the reply before them but not sooner than [`TOO_SOON`] (an idle, slow or
 /// streaming client costs no spinning); one poll that sees nothing ends the streak; at
@@ -445,10 +445,10 @@ where
     // the connection closes.
     let mut closing = false;
     let mut outcome: Result<(), ConnectionError> = Ok(());
-    // When the last reply went out alone with nothing in flight, and whether the client
-    // answered the one before within the polling window.
+    // When the last reply went out alone (one small request, nothing else in flight).
     let mut replied_alone: Option<Instant> = None;
-    // Requests in a row that came alone, each within the window of the reply before it.
+    // Requests in a row that came alone, each within the polling window of the reply
+    // before it (see `after_arrival`).
     let mut streak = 0u32;
     // The last request was a write too large for the read buffer: the next is likely
     // one too, so only its header is read into the buffer and its payload goes straight
