@@ -24,6 +24,9 @@ use crate::wire::{self, REQUEST_HEADER_LEN, Request};
 
 /// Requests served at once on one connection.
 pub const MAX_IN_FLIGHT: u32 = 64;
+/// Write payload bytes held by requests in flight on one connection: once there are
+/// this many, the connection reads no more requests until some finish.
+pub const MAX_IN_FLIGHT_BYTES: usize = 32 << 20;
 /// Time a client has to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -417,7 +420,8 @@ impl RecvBuf {
 ///    (after polling the socket for a moment if the client works at queue depth 1, see
 ///    [`Poller`]).
 ///
-/// At most [`MAX_IN_FLIGHT`] requests wait in tasks; replies go out in completion order.
+/// At most [`MAX_IN_FLIGHT`] requests (and [`MAX_IN_FLIGHT_BYTES`] of write payloads)
+/// wait in tasks; replies go out in completion order.
 /// When the export's [`BlockExport::closed`] turns true, requests in flight finish and
 /// are answered, later ones are refused with `ESHUTDOWN`, and the connection closes as
 /// soon as nothing is in flight.
@@ -439,6 +443,7 @@ where
     let mut batch = Batch::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Request, Outcome)>();
     let mut in_flight = 0u32;
+    let mut in_flight_bytes = 0usize;
     let mut reading = true;
     // The export is going away: requests still in flight finish, new ones are refused
     // with ESHUTDOWN (the client must then disconnect), and once nothing is in flight
@@ -462,7 +467,7 @@ where
         let mut more = false;
         let mut served = 0usize;
         let mut small = true;
-        while reading && (closing || in_flight < MAX_IN_FLIGHT) {
+        while reading && (closing || room(in_flight, in_flight_bytes)) {
             let Some(header) = rbuf.data().first_chunk::<REQUEST_HEADER_LEN>() else {
                 break;
             };
@@ -516,6 +521,7 @@ where
                 Some(o) => batch.push(structured, req, o),
                 None => {
                     in_flight += 1;
+                    in_flight_bytes += req.payload_len();
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let _ = tx.send((req, call.await));
@@ -529,6 +535,7 @@ where
         }
         while let Ok((req, o)) = rx.try_recv() {
             in_flight -= 1;
+            in_flight_bytes -= req.payload_len();
             served += 1;
             small &= req.len <= POLL_MAX_LEN;
             batch.push(structured, req, o);
@@ -574,9 +581,10 @@ where
             biased;
             Some((req, o)) = rx.recv(), if in_flight > 0 => {
                 in_flight -= 1;
+                in_flight_bytes -= req.payload_len();
                 batch.push(structured, req, o);
             }
-            r = stream.read(rbuf.spare_for(large_writes)), if reading && (closing || in_flight < MAX_IN_FLIGHT) => match r {
+            r = stream.read(rbuf.spare_for(large_writes)), if reading && (closing || room(in_flight, in_flight_bytes)) => match r {
                 // The client hung up without NBD_CMD_DISC: a hard disconnect.
                 Ok(0) => reading = false,
                 Ok(n) => {
@@ -631,6 +639,12 @@ async fn read_payload<S: AsyncRead + AsyncWrite + Unpin>(
         buf = &mut buf[n..];
     }
     Ok(())
+}
+
+/// Whether a connection may take another request: fewer than [`MAX_IN_FLIGHT`] in
+/// flight, holding less than [`MAX_IN_FLIGHT_BYTES`] of write payloads.
+fn room(in_flight: u32, in_flight_bytes: usize) -> bool {
+    in_flight < MAX_IN_FLIGHT && in_flight_bytes < MAX_IN_FLIGHT_BYTES
 }
 
 async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) -> Result<(), ()> {

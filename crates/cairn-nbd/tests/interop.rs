@@ -540,3 +540,35 @@ fn many_requests_in_flight_of_every_size() {
     // The file holds exactly the model.
     assert!(std::fs::read(&disk).unwrap() == model);
 }
+
+#[test]
+fn large_writes_beyond_the_in_flight_limit_all_complete() {
+    // 12 writes of 5 MiB sent back to back: more than the 32 MiB of payloads a
+    // connection holds in flight, so it must stop reading and resume as writes finish.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    std::fs::write(&disk, vec![0u8; 64 << 20]).unwrap();
+    let srv = start(dir.path(), vec![("d", disk.clone(), false)]);
+    let (mut s, _) = raw_client(&format!("127.0.0.1:{}", srv.port), "d");
+    let len = 5usize << 20;
+    let mut tx = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..12u64 {
+            tx.write_all(&request(1, i, i * len as u64, len as u32))
+                .unwrap();
+            tx.write_all(&noise(200 + i, len)).unwrap();
+        }
+    });
+    let mut acked = std::collections::HashSet::new();
+    for _ in 0..12 {
+        let (handle, error, _) = read_reply(&mut s, 0);
+        assert_eq!(error, 0, "write {handle}");
+        assert!(acked.insert(handle));
+    }
+    sender.join().unwrap();
+    let on_disk = std::fs::read(&disk).unwrap();
+    for i in 0..12u64 {
+        let at = i as usize * len;
+        assert!(on_disk[at..at + len] == noise(200 + i, len), "write {i}");
+    }
+}
