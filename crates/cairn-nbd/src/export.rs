@@ -38,6 +38,15 @@ pub trait BlockExport: Send + Sync {
     fn closed(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
     }
+    /// The file behind an export whose [`Self::write`] without FUA is exactly a
+    /// positioned write of the data into this file at the same offset, and nothing else.
+    /// When `Some`, the server may put a large write's payload into the file itself,
+    /// moved from the socket with `splice(2)` instead of read into a buffer first (one
+    /// copy of the data instead of two). `None` (the default): every write goes through
+    /// [`Self::write`].
+    fn direct_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// Requests up to this size do their file I/O inline on the runtime thread.
@@ -193,6 +202,10 @@ impl BlockExport for FileExport {
 
     async fn flush(&self) -> std::io::Result<()> {
         self.blocking(|f| Ok(rustix::fs::fdatasync(f)?)).await
+    }
+
+    fn direct_file(&self) -> Option<&File> {
+        (!self.info.read_only).then_some(&*self.file)
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {

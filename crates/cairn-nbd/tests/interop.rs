@@ -207,6 +207,14 @@ fn real_clients_read_write_list_map_copy() {
     let (ok, out) = sh(Command::new("nbdcopy").arg(&url).arg(&back));
     assert!(ok, "{out}");
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&src).unwrap());
+    // 1 MiB writes over the Unix socket (spliced from the socket into the file).
+    std::fs::write(&src, noise(8, 8 << 20)).unwrap();
+    let (ok, out) = sh(Command::new("nbdcopy")
+        .args(["--request-size=1048576", "--connections=2"])
+        .arg(&src)
+        .arg(&unix_url));
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&src).unwrap());
 
     // Read-only export: reads work, writes fail with EPERM, nothing changes.
     let ro_url = format!("nbd://127.0.0.1:{}/web/ro", srv.port);
@@ -214,13 +222,15 @@ fn real_clients_read_write_list_map_copy() {
         .args(["-r", "-f", "raw", "-c", "read -P 0x5a 0 64k"])
         .arg(&ro_url));
     assert!(ok && !out.contains("failed"), "{out}");
-    let (_, out) = sh(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 1 0 64k"])
-        .arg(&ro_url));
-    assert!(
-        out.contains("ermission") || out.contains("read-only") || out.contains("Read-only"),
-        "{out}"
-    );
+    for len in ["64k", "1M"] {
+        let (_, out) = sh(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("write -P 1 0 {len}")])
+            .arg(&ro_url));
+        assert!(
+            out.contains("ermission") || out.contains("read-only") || out.contains("Read-only"),
+            "{out}"
+        );
+    }
     assert_eq!(std::fs::read(&ro).unwrap(), vec![0x5a; 1 << 20]);
 
     // An unknown export is refused with a clear error.
@@ -541,15 +551,165 @@ fn many_requests_in_flight_of_every_size() {
     assert!(std::fs::read(&disk).unwrap() == model);
 }
 
+/// A file export seen only through [`BlockExport`]'s methods: no `direct_file`, so the
+/// server reads every write's payload into a buffer (as for cairn-volume's exports).
+struct Buffered(FileExport);
+
+#[async_trait::async_trait]
+impl BlockExport for Buffered {
+    fn info(&self) -> ExportInfo {
+        self.0.info()
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        self.0.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
+        self.0.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.0.write_zeroes(offset, len, may_punch, fua).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<(u32, u32)>> {
+        self.0.block_status(offset, len).await
+    }
+}
+
+/// A file export whose `direct_file` is the file opened read-only: every splice into it
+/// fails, and the server must fall back to buffers without losing its place in the
+/// request stream.
+struct Refusing {
+    file: Buffered,
+    read_only: std::fs::File,
+}
+
+#[async_trait::async_trait]
+impl BlockExport for Refusing {
+    fn info(&self) -> ExportInfo {
+        self.file.info()
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        self.file.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        self.file.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.file.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
+        self.file.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.file.write_zeroes(offset, len, may_punch, fua).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<(u32, u32)>> {
+        self.file.block_status(offset, len).await
+    }
+    fn direct_file(&self) -> Option<&std::fs::File> {
+        Some(&self.read_only)
+    }
+}
+
+/// Serves one export over TCP on its own runtime; returns its address.
+fn serve_one(export: Arc<dyn BlockExport>) -> (String, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = rt.block_on(async {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap().to_string();
+        tokio::spawn(serve_tcp(tcp, Arc::new(OneExport(export))));
+        addr
+    });
+    (addr, rt)
+}
+
+#[test]
+fn a_file_that_refuses_splicing_falls_back_to_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    let mut model = noise(11, 8 << 20);
+    std::fs::write(&disk, &model).unwrap();
+    let export = Refusing {
+        file: Buffered(FileExport::open(&disk, "d", false).unwrap()),
+        read_only: std::fs::File::open(&disk).unwrap(),
+    };
+    let (addr, _rt) = serve_one(Arc::new(export));
+    let (mut s, _) = raw_client(&addr, "d");
+    // The first large write is spliced into the read-only file, which fails: its
+    // payload is still consumed and it fails alone. The splicer is then given up, so
+    // the next large write goes through a buffer and succeeds; then a small one.
+    let writes = [(0u64, 1u32 << 20), (2 << 20, 3 << 20), (6 << 20, 4096)];
+    let mut all = Vec::new();
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        all.extend_from_slice(&request(1, i as u64, offset, len));
+        all.extend_from_slice(&noise(300 + i as u64, len as usize));
+    }
+    let mut tx = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || tx.write_all(&all).unwrap());
+    let mut errors = HashMap::new();
+    for _ in 0..writes.len() {
+        let (handle, error, _) = read_reply(&mut s, 0);
+        errors.insert(handle, error);
+    }
+    sender.join().unwrap();
+    assert_ne!(errors[&0], 0, "the write into the read-only file fails");
+    assert_eq!((errors[&1], errors[&2]), (0, 0), "{errors:?}");
+    for (i, &(offset, len)) in writes.iter().enumerate().skip(1) {
+        let at = offset as usize;
+        model[at..at + len as usize].copy_from_slice(&noise(300 + i as u64, len as usize));
+    }
+    // The connection is still in step: a read returns what the file holds.
+    send_read(&mut s, 9, 0, 8 << 20);
+    let (handle, error, data) = read_reply(&mut s, 8 << 20);
+    assert_eq!((handle, error), (9, 0));
+    assert!(data == model);
+    assert!(std::fs::read(&disk).unwrap() == model);
+}
+
 #[test]
 fn large_writes_beyond_the_in_flight_limit_all_complete() {
-    // 12 writes of 5 MiB sent back to back: more than the 32 MiB of payloads a
-    // connection holds in flight, so it must stop reading and resume as writes finish.
+    // 12 writes of 5 MiB sent back to back. Into a file export they are spliced into
+    // the file one after the other; into an export without `direct_file` that is more
+    // than the 32 MiB of payloads a connection holds in flight, so it must stop reading
+    // and resume as writes finish.
+    for direct in [true, false] {
+        large_writes_all_complete(direct);
+    }
+}
+
+fn large_writes_all_complete(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d.img");
     std::fs::write(&disk, vec![0u8; 64 << 20]).unwrap();
-    let srv = start(dir.path(), vec![("d", disk.clone(), false)]);
-    let (mut s, _) = raw_client(&format!("127.0.0.1:{}", srv.port), "d");
+    let file = FileExport::open(&disk, "d", false).unwrap();
+    let export: Arc<dyn BlockExport> = if direct {
+        Arc::new(file)
+    } else {
+        Arc::new(Buffered(file))
+    };
+    let (addr, _rt) = serve_one(export);
+    let (mut s, _) = raw_client(&addr, "d");
     let len = 5usize << 20;
     let mut tx = s.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
