@@ -41,4 +41,5 @@ pub mod export;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod stats;
 pub mod wire;
