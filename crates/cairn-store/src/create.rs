@@ -68,6 +68,10 @@ pub struct CreateOptions {
     pub lease_wait: Duration,
     /// The instant the disks were frozen at (default: when creation starts).
     pub snapshot_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Run the chunk jobs (read, hash, compress) on threads of their own at this nice
+    /// value (per thread on Linux), e.g. 19 for a point of a running server, so that
+    /// the guests' I/O in the same process goes first. Default: tokio's blocking pool.
+    pub cpu_nice: Option<i32>,
 }
 
 impl CreateOptions {
@@ -81,6 +85,7 @@ impl CreateOptions {
             concurrency: default_concurrency(),
             lease_wait: Duration::from_secs(3600),
             snapshot_at: None,
+            cpu_nice: None,
         }
     }
 }
@@ -144,6 +149,55 @@ pub(crate) fn cpu_slots() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads of one point creation at a lower priority ([`CreateOptions::cpu_nice`]); they
+/// end when it is dropped (the channel closes).
+struct NiceThreads {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl NiceThreads {
+    fn new(threads: usize, nice: i32) -> std::io::Result<NiceThreads> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name("cairn-point".into())
+                .spawn(move || {
+                    // Who = 0: this thread only (Linux). Failure only costs priority.
+                    let _ = rustix::process::setpriority_process(None, nice);
+                    loop {
+                        let job = rx.lock().expect("poisoned").recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => break,
+                        }
+                    }
+                })?;
+        }
+        Ok(NiceThreads { jobs: tx })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SpaceError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            // A panic is reported as the job's failure; the thread goes on.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(r.ok());
+        });
+        let done = match self.jobs.send(job) {
+            Ok(()) => rx.await.ok().flatten(),
+            Err(_) => None,
+        };
+        done.ok_or_else(|| SpaceError::Internal("a chunk job failed".into()))
+    }
+}
+
 /// State shared by every chunk of one point creation.
 struct Writer {
     backend: Arc<dyn Backend>,
@@ -154,6 +208,8 @@ struct Writer {
     known: Mutex<HashSet<ChunkId>>,
     /// Chunks quarantined as damaged: never trusted, stored again when met.
     quarantined: HashSet<ChunkId>,
+    /// Where chunk jobs run: tokio's blocking pool, or these threads.
+    nice: Option<NiceThreads>,
 }
 
 enum Outcome {
@@ -163,6 +219,16 @@ enum Outcome {
 }
 
 impl Writer {
+    async fn on_cpu<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SpaceError> {
+        match &self.nice {
+            Some(threads) => threads.run(f).await,
+            None => Ok(tokio::task::spawn_blocking(f).await?),
+        }
+    }
+
     async fn chunk(
         &self,
         image: &Arc<dyn ChunkSource>,
@@ -174,22 +240,23 @@ impl Writer {
         let img = image.clone();
         let pool = self.pool.clone();
         let permit = self.cpu.acquire().await.expect("semaphore open");
-        let (id, buf, read) = tokio::task::spawn_blocking(move || {
-            if !img.may_have_data(start, end) {
+        let (id, buf, read) = self
+            .on_cpu(move || {
+                if !img.may_have_data(start, end) {
+                    img.taken(start, end);
+                    return Ok((ChunkId::ZERO, None, 0));
+                }
+                let mut buf = pool.take(len);
+                img.read_at(&mut buf, start)?;
                 img.taken(start, end);
-                return Ok((ChunkId::ZERO, None, 0));
-            }
-            let mut buf = pool.take(len);
-            img.read_at(&mut buf, start)?;
-            img.taken(start, end);
-            if cairn_format::zero::is_zero(&buf) {
-                pool.give(buf);
-                return Ok((ChunkId::ZERO, None, len as u64));
-            }
-            let id = ChunkId::of(&buf);
-            Ok::<_, SpaceError>((id, Some(buf), len as u64))
-        })
-        .await??;
+                if cairn_format::zero::is_zero(&buf) {
+                    pool.give(buf);
+                    return Ok((ChunkId::ZERO, None, len as u64));
+                }
+                let id = ChunkId::of(&buf);
+                Ok::<_, SpaceError>((id, Some(buf), len as u64))
+            })
+            .await??;
         drop(permit);
         let Some(buf) = buf else {
             return Ok((id, Outcome::Zero, read));
@@ -208,13 +275,14 @@ impl Writer {
         let codecs = self.codecs.clone();
         let pool = self.pool.clone();
         let permit = self.cpu.acquire().await.expect("semaphore open");
-        let sealed = tokio::task::spawn_blocking(move || {
-            let sealed = codecs.seal(&buf);
-            pool.give(buf);
-            sealed
-        })
-        .await?
-        .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
+        let sealed = self
+            .on_cpu(move || {
+                let sealed = codecs.seal(&buf);
+                pool.give(buf);
+                sealed
+            })
+            .await?
+            .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
         drop(permit);
         let stored = sealed.len() as u64;
         let outcome = match self
@@ -385,6 +453,13 @@ async fn write_point(
         pool: BufferPool::new(chunk_size as usize, concurrency),
         known: Mutex::new(known),
         quarantined: crate::verify::quarantined(space).await?,
+        nice: match opts.cpu_nice {
+            Some(nice) => Some(
+                NiceThreads::new(cpu_slots(), nice)
+                    .map_err(|e| SpaceError::Internal(format!("cannot start threads: {e}")))?,
+            ),
+            None => None,
+        },
     };
 
     // Change bases: chunks unchanged since a base are taken from its index, unread.
