@@ -282,7 +282,32 @@ impl Host {
         trigger: &str,
         progress: &dyn Progress,
     ) -> Result<ServerPoint, VolumeError> {
+        self.take_point_of(server, None, operator, trigger, progress)
+            .await
+    }
+
+    /// Like [`Host::take_point`], of some of the server's disks only (`None`: all),
+    /// frozen together.
+    pub async fn take_point_of(
+        &self,
+        server: &str,
+        disks: Option<&[String]>,
+        operator: &str,
+        trigger: &str,
+        progress: &dyn Progress,
+    ) -> Result<ServerPoint, VolumeError> {
         let meta = self.pool.server(server)?;
+        if let Some(names) = disks {
+            let have = self.pool.disks(server)?;
+            for n in names {
+                if !have.iter().any(|d| &d.name == n) {
+                    return Err(VolumeError::Other(format!(
+                        "server {server} has no disk {n:?}"
+                    )));
+                }
+            }
+        }
+        let wanted = |name: &str| disks.is_none_or(|d| d.iter().any(|n| n == name));
         let space = self.space()?.clone();
         let one = self
             .taking
@@ -293,6 +318,7 @@ impl Host {
             .clone();
         let _one = one.lock().await;
         if let Some(vols) = self.volumes(server).await {
+            let vols: Vec<_> = vols.into_iter().filter(|v| wanted(&v.name)).collect();
             return point_of(
                 &space, &self.pool, &meta, &vols, operator, trigger, progress,
             )
@@ -301,7 +327,9 @@ impl Host {
         let _lock = self.pool.lock_server(server, "point create")?;
         let mut vols = Vec::new();
         for d in self.pool.disks(server)? {
-            vols.push(Volume::open(&self.pool, &d, Some(&space)).await?);
+            if wanted(&d.name) {
+                vols.push(Volume::open(&self.pool, &d, Some(&space)).await?);
+            }
         }
         let result = point_of(
             &space, &self.pool, &meta, &vols, operator, trigger, progress,
