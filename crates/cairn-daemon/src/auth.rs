@@ -145,12 +145,13 @@ pub fn revoke_token(data_dir: &Path, name: &str) -> anyhow::Result<()> {
 /// The principal a bearer token belongs to, if it is valid and not revoked.
 pub async fn authenticate(db: &Db, token: &str) -> Result<Option<Principal>, DbError> {
     let h = hash(token);
-    db.call(move |c| {
-        Ok(c.query_row(
+    db.read(move |c| {
+        Ok(c.prepare_cached(
             "SELECT name, role FROM tokens WHERE hash = ?1 AND revoked_at IS NULL",
-            params![h],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-        )
+        )?
+        .query_row(params![h], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
         .optional()?
         .and_then(|(name, role)| Role::parse(&role).map(|role| Principal { name, role })))
     })

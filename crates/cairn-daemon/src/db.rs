@@ -1,7 +1,8 @@
 //! The control-state database: SQLite in WAL mode, schema by migrations.
 //!
-//! One connection, used from the blocking pool (`Db::call`): SQLite serialises writers
-//! anyway, and every statement here is short. Times are RFC 3339 UTC with milliseconds
+//! One writer connection (`Db::call`) and a few read-only connections (`Db::read`, WAL
+//! lets them read while the writer writes), all used from the blocking pool. SQLite
+//! serialises writers anyway, and every statement here is short. Times are RFC 3339 UTC with milliseconds
 //! (text that sorts in time order).
 
 use std::path::Path;
@@ -91,7 +92,12 @@ pub enum DbError {
 #[derive(Clone)]
 pub struct Db {
     conn: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Read-only connections kept open.
+const READERS: usize = 4;
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,9 +128,48 @@ impl Db {
         migrations
             .to_latest(&mut conn)
             .map_err(|e| err(format!("schema migration failed: {e}")))?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let r = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            r.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| err(e.to_string()))?;
+            readers.push(Mutex::new(r));
+        }
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(readers),
+            next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
+    }
+
+    /// Runs a read-only `f` on one of the reader connections, on the blocking pool.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let start = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            let n = readers.len();
+            // A free reader if there is one, else wait for the one in turn.
+            for i in 0..n {
+                if let Ok(mut c) = readers[(start + i) % n].try_lock() {
+                    return f(&mut c);
+                }
+            }
+            let mut c = readers[start % n].lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| DbError::Task(e.to_string()))?
     }
 
     /// Runs `f` with the connection on the blocking pool.

@@ -246,14 +246,12 @@ impl Location {
                         "scope item {item:?}: server {s} has no disk {d:?}"
                     ))
                 })?;
-                match plan
+                // A server given whole (None) stays whole.
+                if let Some(set) = plan
                     .entry(s.to_string())
                     .or_insert_with(|| Some(BTreeSet::new()))
                 {
-                    Some(set) => {
-                        set.insert(d.to_string());
-                    }
-                    None => {}
+                    set.insert(d.to_string());
                 }
             } else {
                 cairn_format::name::validate("server", item)
@@ -305,7 +303,7 @@ impl Location {
         let key = name_or_id.to_string();
         let row = self
             .db
-            .call(move |c| {
+            .read(move |c| {
                 c.query_row(
                     "SELECT id, spec, created_at, updated_at FROM policies WHERE name = ?1 OR id = ?1",
                     params![key],
@@ -337,9 +335,11 @@ impl Location {
     pub async fn policy_rows(&self) -> Result<Vec<PolicyRow>, ApiError> {
         let rows = self
             .db
-            .call(|c| {
+            .read(|c| {
                 let mut st = c
-                    .prepare("SELECT id, spec, created_at, updated_at FROM policies ORDER BY name")
+                    .prepare_cached(
+                        "SELECT id, spec, created_at, updated_at FROM policies ORDER BY name",
+                    )
                     .map_err(sql_err)?;
                 let rows = st
                     .query_map([], |r| {
@@ -387,7 +387,7 @@ impl Location {
         let id = row.id.clone();
         let (last, last_success) = self
             .db
-            .call(move |c| {
+            .read(move |c| {
                 let last = c
                     .query_row(
                         "SELECT id, state, ended_at FROM jobs WHERE policy_id = ?1 AND kind = 'replication' AND state IN ('succeeded', 'failed') ORDER BY seq DESC LIMIT 1",
@@ -1068,7 +1068,7 @@ impl Location {
         args.push(i64::try_from(limit + 1).unwrap_or(i64::MAX).into());
         let mut rows = self
             .db
-            .call(move |c| {
+            .read(move |c| {
                 let mut st = c.prepare_cached(&sql).map_err(sql_err)?;
                 let rows = st
                     .query_map(rusqlite::params_from_iter(args), job_from_row)
@@ -1104,7 +1104,7 @@ impl Location {
         let pattern = format!("{key}%");
         let rows = self
             .db
-            .call(move |c| {
+            .read(move |c| {
                 let mut st = c
                     .prepare_cached(&format!(
                         "SELECT {JOB_COLUMNS} FROM jobs WHERE id LIKE ?1 ORDER BY seq DESC LIMIT 2"
@@ -1560,31 +1560,92 @@ impl Location {
     /// Runs the scheduler until shutdown: each enabled policy's job starts at its due
     /// time. A due time missed while the daemon was down fires once at startup.
     pub async fn scheduler(self: Arc<Self>) {
+        // The policies with their parsed schedules are read again only after a change
+        // (every change notifies `wake`), not at every due time: with 1,000 policies on
+        // one-minute intervals the scheduler wakes ~17 times a second, and reading and
+        // parsing them all each time cost more CPU than the jobs' own bookkeeping.
+        type Cached = Arc<(Vec<PolicyRow>, Vec<Option<Schedule>>)>;
+        let mut cached: Option<Cached> = None;
         loop {
             if !self.accepting() {
                 return;
             }
-            let rows = match self.policy_rows().await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("scheduler: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
+            let fresh = cached.is_none();
+            let policies = match &cached {
+                Some(p) => p.clone(),
+                None => match self.policy_rows().await {
+                    Ok(rows) => {
+                        let schedules = rows
+                            .iter()
+                            .map(|r| parse_schedule(&r.spec.schedule).ok())
+                            .collect();
+                        let p: Cached = Arc::new((rows, schedules));
+                        cached = Some(p.clone());
+                        p
+                    }
+                    Err(e) => {
+                        tracing::error!("scheduler: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
             };
+            let (rows, schedules) = (&policies.0, &policies.1);
             let now = self.now();
+            let unknown = {
+                let next = self.next_due.lock().expect("poisoned");
+                rows.iter()
+                    .any(|r| r.spec.enabled && !next.contains_key(&r.id))
+            };
+            // When a policy is first seen (start, change), a due time missed since its
+            // last job (the daemon was down) fires once, now.
+            let last_queued: HashMap<String, String> = if unknown {
+                self.db
+                    .read(|c| {
+                        let mut st = c
+                            .prepare_cached(
+                                "SELECT policy_id, MAX(queued_at) FROM jobs WHERE kind = 'replication' AND policy_id IS NOT NULL GROUP BY policy_id",
+                            )
+                            .map_err(sql_err)?;
+                        let rows = st
+                            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                            .map_err(sql_err)?
+                            .collect::<Result<HashMap<_, _>, _>>()
+                            .map_err(sql_err)?;
+                        Ok(rows)
+                    })
+                    .await
+                    .unwrap_or_default()
+            } else {
+                HashMap::new()
+            };
             let mut due_now = Vec::new();
             let mut earliest: Option<DateTime<Utc>> = None;
             {
                 let mut next = self.next_due.lock().expect("poisoned");
-                next.retain(|id, _| rows.iter().any(|r| &r.id == id && r.spec.enabled));
-                for row in rows.iter().filter(|r| r.spec.enabled) {
-                    let Ok(s) = parse_schedule(&row.spec.schedule) else {
+                if fresh {
+                    let enabled: std::collections::HashSet<&str> = rows
+                        .iter()
+                        .filter(|r| r.spec.enabled)
+                        .map(|r| r.id.as_str())
+                        .collect();
+                    next.retain(|id, _| enabled.contains(id.as_str()));
+                }
+                for (row, s) in rows.iter().zip(schedules) {
+                    let (true, Some(s)) = (row.spec.enabled, s) else {
                         continue;
                     };
                     let anchor = parse_time(&row.updated_at).unwrap_or(now);
                     let due = *next.entry(row.id.clone()).or_insert_with(|| {
-                        s.next_after(now - chrono::Duration::milliseconds(1), anchor)
+                        let missed = s.prev_at_or_before(now, anchor).filter(|p| {
+                            *p >= anchor
+                                && last_queued
+                                    .get(&row.id)
+                                    .and_then(|q| parse_time(q))
+                                    .is_none_or(|q| q < *p)
+                        });
+                        missed
+                            .or_else(|| s.next_after(now, anchor))
                             .unwrap_or(now + chrono::Duration::days(3650))
                     });
                     let due = if due <= now {
@@ -1611,7 +1672,7 @@ impl Location {
             let until = earliest.unwrap_or(now + chrono::Duration::hours(1));
             tokio::select! {
                 () = self.clock.sleep_until(until) => {}
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => cached = None,
             }
         }
     }

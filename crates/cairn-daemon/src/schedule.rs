@@ -78,6 +78,28 @@ impl Schedule {
         }
     }
 
+    /// The last due time at or before `t` (None before the first one).
+    pub fn prev_at_or_before(
+        &self,
+        t: DateTime<Utc>,
+        anchor: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        match self {
+            Schedule::Cron { cron, tz } => cron
+                .find_previous_occurrence(&t.with_timezone(tz), true)
+                .ok()
+                .map(|d| d.with_timezone(&Utc)),
+            Schedule::Every(d) => {
+                if t < anchor {
+                    return None;
+                }
+                let step_ms = i64::try_from(d.as_millis()).ok()?.max(1);
+                let k = (t - anchor).num_milliseconds() / step_ms;
+                Some(anchor + chrono::Duration::milliseconds(k * step_ms))
+            }
+        }
+    }
+
     /// The time between two runs around `t` (for a cron expression, the gap between the
     /// next two occurrences): what "late" is measured against.
     pub fn period(&self, t: DateTime<Utc>) -> Duration {
@@ -198,6 +220,26 @@ mod tests {
         assert_eq!(
             s.next_after(at("2026-11-23T00:30:10Z"), anchor).unwrap(),
             at("2026-11-23T00:45:10Z")
+        );
+        assert_eq!(
+            s.prev_at_or_before(at("2026-11-23T00:30:10Z"), anchor)
+                .unwrap(),
+            at("2026-11-23T00:30:10Z")
+        );
+        assert_eq!(
+            s.prev_at_or_before(at("2026-11-23T00:44:00Z"), anchor)
+                .unwrap(),
+            at("2026-11-23T00:30:10Z")
+        );
+        assert!(
+            s.prev_at_or_before(at("2026-11-23T00:00:00Z"), anchor)
+                .is_none()
+        );
+        let c = Schedule::cron("0 2 * * *", "UTC").unwrap();
+        assert_eq!(
+            c.prev_at_or_before(at("2026-11-23T05:00:00Z"), anchor)
+                .unwrap(),
+            at("2026-11-23T02:00:00Z")
         );
         assert!(Schedule::every("1s").is_err());
         assert!(Schedule::every("soon").is_err());
