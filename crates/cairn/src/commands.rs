@@ -19,12 +19,85 @@ use comfy_table::{Table, presets::NOTHING};
 
 use crate::progress::Bar;
 
+/// How a command chooses between the daemon and a pool or space on disk (shown in `--help`).
+pub const DUAL_FORMS: &str = "\
+Daemon or offline: `server`, `disk` and `point` commands have two forms. The offline form \
+works on a pool or space directly and is used when the first argument is an existing \
+directory, a path (starting with /, ./ or ../), a URL with a scheme (file://, s3://), or \
+when there are more arguments than the daemon form takes. Otherwise the command asks the \
+daemon given by CAIRN_URL (or --url) with the token CAIRN_TOKEN (or --token). `policy` and \
+`job` always ask the daemon.";
+
 /// Cairn: disaster recovery for virtual-machine disks.
 #[derive(Debug, Parser)]
-#[command(name = "cairn", version, about, long_about = None)]
+#[command(name = "cairn", version, about, long_about = None, after_help = DUAL_FORMS)]
 pub struct Cli {
+    #[command(flatten)]
+    conn: crate::client::Conn,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A command line that parses but does not make sense (exit 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A usage error of `cairn CMD` (exit 2).
+pub fn usage(cmd: &str, msg: &str) -> anyhow::Error {
+    UsageError(format!("cairn {cmd}: {msg} (see `cairn {cmd} --help`)")).into()
+}
+
+/// Which form a dual command takes (see [`DUAL_FORMS`]).
+pub enum Form<'a> {
+    /// A pool or space path, and the other arguments.
+    Offline(&'a str, &'a [String]),
+    /// Every argument belongs to the daemon form.
+    Daemon(&'a [String]),
+}
+
+/// True when `arg` names a pool or space rather than a daemon object: an existing
+/// directory, a path, or a URL with a scheme.
+pub fn is_location(arg: &str) -> bool {
+    let scheme = arg.split_once("://").is_some_and(|(s, _)| {
+        !s.is_empty()
+            && s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    scheme
+        || arg.starts_with('/')
+        || arg.starts_with("./")
+        || arg.starts_with("../")
+        || arg == "."
+        || arg == ".."
+        || std::path::Path::new(arg).is_dir()
+}
+
+/// The form of a dual command whose daemon form takes at most `daemon_max` positional
+/// arguments.
+pub fn form(args: &[String], daemon_max: usize) -> Form<'_> {
+    match args.first() {
+        Some(first) if is_location(first) || args.len() > daemon_max => {
+            Form::Offline(first, &args[1..])
+        }
+        _ => Form::Daemon(args),
+    }
+}
+
+/// `--json` is refused where the offline form prints no report.
+pub fn no_json_offline(cmd: &str, json: bool) -> Result<()> {
+    if json {
+        return Err(usage(cmd, "--json is only for the daemon form"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,20 +105,32 @@ enum Command {
     /// Recovery spaces: create, inspect, collect garbage, apply retention.
     #[command(subcommand)]
     Space(SpaceCommand),
-    /// Recovery points: create, list, show, restore, roll back, verify, delete.
+    /// Recovery points: create, list, show, restore, clone, roll back, verify, delete.
     #[command(subcommand)]
     Point(PointCommand),
     /// Disk pools: create one for a location, show it.
     #[command(subcommand)]
     Pool(crate::live::PoolCommand),
-    /// Servers (named sets of disks): create, list, start, stop, delete.
+    /// Servers (named sets of disks): create, list, show, start, stop, delete.
     #[command(subcommand)]
     Server(crate::live::ServerCommand),
-    /// Disks of a pool: create, import, export, list, grow, delete, clone, hydrate.
+    /// Disks: create, import, export, list, show, grow, delete, clone, hydrate.
     #[command(subcommand)]
     Disk(crate::live::DiskCommand),
+    /// Replication policies of the daemon: create, list, show, update, delete, pause,
+    /// resume, replicate-now, verify.
+    #[command(subcommand)]
+    Policy(crate::remote::PolicyCommand),
+    /// Jobs of the daemon (replication, verify): list, show, follow.
+    #[command(subcommand)]
+    Job(crate::remote::JobCommand),
     /// Serve a pool: export the disks of its running servers over NBD.
     ServeNbd(crate::live::ServeArgs),
+    /// Run a location: its disk pool, NBD listener, recovery space, scheduler and HTTP API.
+    Serve(crate::serve::ServeArgs),
+    /// API tokens (on the daemon's host, with its data directory).
+    #[command(subcommand)]
+    Token(crate::serve::TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,17 +234,43 @@ enum PointCommand {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// List recovery points, oldest first.
+    /// List recovery points: of a space, oldest first (offline), or of the daemon's
+    /// policies, newest first.
+    #[command(
+        override_usage = "cairn point list [--policy P] [--scope-changed] [--json]\n       cairn point list SPACE [--json]"
+    )]
     List {
-        space: String,
+        /// A recovery space or pool's space (offline form); none for the daemon form.
+        #[arg(value_name = "SPACE")]
+        space: Option<String>,
+        /// Only this policy's points (daemon form).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Only points whose scope (set of disks) changed from the policy's point before
+        /// (daemon form).
+        #[arg(long)]
+        scope_changed: bool,
+        /// Only points of this disk, SERVER/DISK (daemon form).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Only points in this state: succeeded, failed, ... (daemon form).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many points (daemon form; default: all).
+        #[arg(long)]
+        limit: Option<usize>,
         #[arg(long)]
         json: bool,
     },
     /// Show one recovery point.
+    #[command(
+        override_usage = "cairn point show POINT [--json]\n       cairn point show SPACE ID [--json]"
+    )]
     Show {
-        space: String,
-        /// Point id, unique id prefix, or `latest`.
-        id: String,
+        /// POINT (daemon form: a job id, unique prefix, or space point id), or SPACE ID
+        /// (offline form: a point id, unique id prefix, or `latest`).
+        #[arg(value_name = "[SPACE] POINT", num_args = 1..=2, required = true)]
+        args: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -180,16 +291,21 @@ enum PointCommand {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Make an image (`SPACE ID IMAGE`), or a stopped server's disks (`POOL ID --server
-    /// NAME`), equal to a recovery point, rewriting only what differs.
+    /// Make a disk equal to a recovery point, rewriting only what differs: through the
+    /// daemon (`POINT --disk SERVER/DISK` or `POINT --server NAME`, the server stopped), an
+    /// image (`SPACE ID IMAGE`), or a stopped server's disks of a pool (`POOL ID --server
+    /// NAME`).
+    #[command(
+        override_usage = "cairn point rollback POINT (--disk SERVER/DISK | --server NAME) [--yes]\n       cairn point rollback SPACE ID IMAGE [--disk NAME] [--yes]\n       cairn point rollback POOL ID --server NAME [--disk NAME] [--yes]"
+    )]
     Rollback {
-        /// A recovery space, or a disk pool (with --server).
-        space: String,
-        id: String,
-        image: Option<PathBuf>,
-        /// Roll back this server of the pool (all its disks in the point, or --disk).
+        /// POINT (daemon form), or SPACE ID [IMAGE] / POOL ID (offline forms).
+        #[arg(value_name = "[SPACE] POINT [IMAGE]", num_args = 1..=3, required = true)]
+        args: Vec<String>,
+        /// Roll back this server (all its disks in the point, or --disk).
         #[arg(long)]
         server: Option<String>,
+        /// The disk: SERVER/DISK through the daemon, the point's disk name offline.
         #[arg(long)]
         disk: Option<String>,
         /// Really do it (irreversible). Without it, only say what would be rewritten.
@@ -198,22 +314,49 @@ enum PointCommand {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Read back every chunk of the points (all by default) and check it.
+    /// Clone a recovery point's disk into a new disk, usable at once over NBD (daemon).
+    Clone {
+        /// A job id, unique prefix, or the space's point id.
+        point: String,
+        /// The point's disk, SERVER/DISK.
+        #[arg(long)]
+        disk: String,
+        /// The new disk, SERVER/DISK (its server is created if missing).
+        #[arg(long)]
+        to: String,
+        /// Do not start the new disk's server.
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read back every chunk of points and check it: through the daemon (a verify job
+    /// per POINT), or of a space (all points by default; exit 3 on damage).
+    #[command(
+        override_usage = "cairn point verify POINT... [--wait]\n       cairn point verify SPACE [ID...] [--repair]"
+    )]
     Verify {
-        space: String,
-        ids: Vec<String>,
+        /// POINT... (daemon form), or SPACE [ID...] (offline form).
+        #[arg(value_name = "[SPACE] POINT", num_args = 1.., required = true)]
+        args: Vec<String>,
         /// Quarantine damaged chunks, so that the next point of the same data stores them
-        /// again (which heals every point that references them).
+        /// again (which heals every point that references them) (offline form).
         #[arg(long)]
         repair: bool,
+        /// Wait for the verify job to end, with a progress bar (daemon form).
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Delete recovery points (their chunks go at the next gc).
+    /// Delete recovery points (offline: their chunks go at the next gc).
+    #[command(
+        override_usage = "cairn point delete POINT... [--json]\n       cairn point delete SPACE ID... [--json]"
+    )]
     Delete {
-        space: String,
-        #[arg(required = true)]
-        ids: Vec<String>,
+        /// POINT... (daemon form), or SPACE ID... (offline form).
+        #[arg(value_name = "[SPACE] POINT", num_args = 1.., required = true)]
+        args: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -243,13 +386,18 @@ impl RunArgs {
 }
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let conn = cli.conn;
     match cli.command {
         Command::Space(c) => space_command(c).await,
-        Command::Point(c) => point_command(c).await,
+        Command::Point(c) => point_command(c, &conn).await,
         Command::Pool(c) => crate::live::pool_command(c).await,
-        Command::Server(c) => crate::live::server_command(c).await,
-        Command::Disk(c) => crate::live::disk_command(c).await,
+        Command::Server(c) => crate::live::server_command(c, &conn).await,
+        Command::Disk(c) => crate::live::disk_command(c, &conn).await,
+        Command::Policy(c) => crate::remote::policy_command(c, &conn).await,
+        Command::Job(c) => crate::remote::job_command(c, &conn).await,
         Command::ServeNbd(a) => crate::live::serve_nbd(a).await,
+        Command::Serve(a) => crate::serve::serve(a).await,
+        Command::Token(c) => crate::serve::token(c).await,
     }
 }
 
@@ -505,7 +653,7 @@ pub fn print_point(p: &PointRecord) {
     println!("{t}");
 }
 
-async fn point_command(c: PointCommand) -> Result<ExitCode> {
+async fn point_command(c: PointCommand, conn: &crate::client::Conn) -> Result<ExitCode> {
     match c {
         PointCommand::Create {
             space,
@@ -558,7 +706,36 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
                 print_point(&record);
             }
         }
-        PointCommand::List { space, json } => {
+        PointCommand::List {
+            space,
+            policy,
+            scope_changed,
+            disk,
+            state,
+            limit,
+            json,
+        } => {
+            let Some(space) = space else {
+                let filter = crate::remote::PointFilter {
+                    policy,
+                    scope_changed,
+                    disk,
+                    state,
+                    limit,
+                };
+                return crate::remote::point_list(conn, &filter, json).await;
+            };
+            if policy.is_some()
+                || scope_changed
+                || disk.is_some()
+                || state.is_some()
+                || limit.is_some()
+            {
+                return Err(usage(
+                    "point list",
+                    "--policy, --scope-changed, --disk, --state and --limit are for the daemon form (without SPACE)",
+                ));
+            }
             let s = open(&space).await?;
             let points = s.list_points().await?;
             if json {
@@ -599,7 +776,12 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
                 println!("{t}");
             }
         }
-        PointCommand::Show { space, id, json } => {
+        PointCommand::Show { args, json } => {
+            let (space, id) = match form(&args, 1) {
+                Form::Offline(space, [id]) => (space.to_string(), id.clone()),
+                Form::Offline(..) => return Err(usage("point show", "give SPACE ID")),
+                Form::Daemon(rest) => return crate::remote::point_show(conn, &rest[0], json).await,
+            };
             let s = open(&space).await?;
             let id = s.resolve_point(&id).await?;
             let p = s.load_point(&id).await?;
@@ -653,14 +835,35 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
             }
         }
         PointCommand::Rollback {
-            space,
-            id,
-            image,
+            args,
             server,
             disk,
             yes,
             run,
         } => {
+            let (space, id, image) = match form(&args, 1) {
+                Form::Offline(space, [id]) => (space.to_string(), id.clone(), None),
+                Form::Offline(space, [id, image]) => {
+                    (space.to_string(), id.clone(), Some(PathBuf::from(image)))
+                }
+                Form::Offline(..) => {
+                    return Err(usage(
+                        "point rollback",
+                        "give SPACE ID IMAGE or POOL ID --server NAME",
+                    ));
+                }
+                Form::Daemon(rest) => {
+                    return crate::remote::point_rollback(
+                        conn,
+                        &rest[0],
+                        server.as_deref(),
+                        disk.as_deref(),
+                        yes,
+                        &run,
+                    )
+                    .await;
+                }
+            };
             let image = match (image, server) {
                 (None, Some(server)) => {
                     return crate::live::rollback(
@@ -730,11 +933,31 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
             }
         }
         PointCommand::Verify {
-            space,
-            ids,
+            args,
             repair,
+            wait,
             run,
         } => {
+            let (space, ids) = match form(&args, usize::MAX) {
+                Form::Offline(space, ids) => {
+                    if wait {
+                        return Err(usage(
+                            "point verify",
+                            "--wait is for the daemon form (offline, verify always waits)",
+                        ));
+                    }
+                    (space.to_string(), ids.to_vec())
+                }
+                Form::Daemon(points) => {
+                    if repair {
+                        return Err(usage(
+                            "point verify",
+                            "--repair works on a space directly: give SPACE first",
+                        ));
+                    }
+                    return crate::remote::point_verify(conn, points, wait, &run).await;
+                }
+            };
             let s = open(&space).await?;
             let resolved = s.resolve_points(&ids).await?;
             let report = cairn_store::verify::verify_and_repair(
@@ -791,7 +1014,28 @@ async fn point_command(c: PointCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::from(3));
             }
         }
-        PointCommand::Delete { space, ids, json } => {
+        PointCommand::Clone {
+            point,
+            disk,
+            to,
+            no_start,
+            json,
+        } => {
+            return crate::remote::point_clone(conn, &point, &disk, &to, !no_start, json).await;
+        }
+        PointCommand::Delete { args, json } => {
+            let (space, ids) = match form(&args, usize::MAX) {
+                Form::Offline(_, []) => {
+                    return Err(usage(
+                        "point delete",
+                        "give SPACE ID... (the points to delete)",
+                    ));
+                }
+                Form::Offline(space, ids) => (space.to_string(), ids.to_vec()),
+                Form::Daemon(points) => {
+                    return crate::remote::point_delete(conn, points, json).await;
+                }
+            };
             let s = open(&space).await?;
             let resolved = s.resolve_points(&ids).await?;
             let deleted = cairn_store::gc::delete_points(&s, &resolved).await?;

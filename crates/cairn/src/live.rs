@@ -14,6 +14,7 @@ use cairn_volume::pool::ServerState;
 use cairn_volume::serve::{self, Answer, Request};
 use clap::{Args, Subcommand};
 
+use crate::client::Conn;
 use crate::commands::{RunArgs, print_json, print_point, size, table, time};
 
 #[derive(Debug, Subcommand)]
@@ -38,8 +39,371 @@ pub enum PoolCommand {
     },
 }
 
+/// `cairn server`: the daemon form (`cairn server create NAME`, through CAIRN_URL) or the
+/// offline form on a pool (`cairn server create POOL NAME`).
 #[derive(Debug, Subcommand)]
+#[command(after_help = crate::commands::DUAL_FORMS)]
 pub enum ServerCommand {
+    /// Create a server (a named set of disks), stopped.
+    #[command(
+        override_usage = "cairn server create NAME [OPTIONS]\n       cairn server create POOL NAME [OPTIONS]"
+    )]
+    Create {
+        /// NAME (daemon form), or POOL NAME (offline form).
+        #[arg(value_name = "[POOL] NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Command run (sh -c) before its disks are frozen for a point (e.g. fsfreeze).
+        #[arg(long)]
+        pre_hook: Option<String>,
+        /// Command run right after the freeze (e.g. thaw).
+        #[arg(long)]
+        post_hook: Option<String>,
+        /// Print the daemon's answer as JSON (daemon form).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List servers and their state.
+    #[command(
+        override_usage = "cairn server list [--json]\n       cairn server list POOL [--json]"
+    )]
+    List {
+        /// A pool path (offline form); none for the daemon form.
+        #[arg(value_name = "POOL")]
+        pool: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one server: state, disks and their NBD exports (daemon form).
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a server: its disks are exported over NBD.
+    #[command(override_usage = "cairn server start NAME\n       cairn server start POOL NAME")]
+    Start {
+        /// NAME (daemon form), or POOL NAME (offline form).
+        #[arg(value_name = "[POOL] NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a server: clients are disconnected, its disks synced and closed.
+    #[command(override_usage = "cairn server stop NAME\n       cairn server stop POOL NAME")]
+    Stop {
+        /// NAME (daemon form), or POOL NAME (offline form).
+        #[arg(value_name = "[POOL] NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a stopped server that has no disks.
+    #[command(override_usage = "cairn server delete NAME\n       cairn server delete POOL NAME")]
+    Delete {
+        /// NAME (daemon form), or POOL NAME (offline form).
+        #[arg(value_name = "[POOL] NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `cairn disk`: the daemon form (`cairn disk create web/root --size 1GiB`, through
+/// CAIRN_URL) or the offline form on a pool (`cairn disk create POOL web/root ...`).
+#[derive(Debug, Subcommand)]
+#[command(after_help = crate::commands::DUAL_FORMS)]
+pub enum DiskCommand {
+    /// Create an empty disk of a size.
+    #[command(
+        override_usage = "cairn disk create SERVER/DISK --size SIZE\n       cairn disk create POOL SERVER/DISK --size SIZE"
+    )]
+    Create {
+        /// SERVER/DISK (daemon form), or POOL SERVER/DISK (offline form).
+        #[arg(value_name = "[POOL] SERVER/DISK", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        size: ByteSize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import an image (raw; qcow2, vmdk, ... through qemu-img) as a new disk (offline).
+    Import {
+        pool: PathBuf,
+        disk: String,
+        image: PathBuf,
+        /// The image's format (default: detected).
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Export a stopped server's disk to an image (raw, or qcow2 etc. through qemu-img)
+    /// (offline).
+    Export {
+        pool: PathBuf,
+        disk: String,
+        target: PathBuf,
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Overwrite an existing target.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// List disks (of one server, or all).
+    #[command(
+        override_usage = "cairn disk list [SERVER] [--json]\n       cairn disk list POOL [SERVER] [--json]"
+    )]
+    List {
+        /// [SERVER] (daemon form), or POOL [SERVER] (offline form).
+        #[arg(value_name = "[POOL] [SERVER]", num_args = 0..=2)]
+        args: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one disk: size, changed bytes, hydration (daemon form).
+    Show {
+        /// SERVER/DISK
+        disk: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a stopped server's disk.
+    #[command(
+        override_usage = "cairn disk grow SERVER/DISK --size SIZE\n       cairn disk grow POOL SERVER/DISK --size SIZE"
+    )]
+    Grow {
+        /// SERVER/DISK (daemon form), or POOL SERVER/DISK (offline form).
+        #[arg(value_name = "[POOL] SERVER/DISK", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        size: ByteSize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a stopped server's disk (irreversible: needs --yes).
+    #[command(
+        override_usage = "cairn disk delete SERVER/DISK [--yes]\n       cairn disk delete POOL SERVER/DISK [--yes]"
+    )]
+    Delete {
+        /// SERVER/DISK (daemon form), or POOL SERVER/DISK (offline form).
+        #[arg(value_name = "[POOL] SERVER/DISK", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new disk from a recovery point's disk, usable at once (copy-on-read)
+    /// (offline; through the daemon: `cairn point clone`).
+    Clone {
+        pool: PathBuf,
+        /// Point id, unique prefix, or `latest`.
+        point: String,
+        /// The new disk, SERVER/DISK (its server must exist and be stopped).
+        disk: String,
+        /// Which disk of the point (needed when it has several).
+        #[arg(long)]
+        from_disk: Option<String>,
+        /// The space the point is in (default: the pool's location's space).
+        #[arg(long)]
+        space: Option<String>,
+    },
+    /// Copy the rest of a clone now; resumes where it stopped.
+    #[command(
+        override_usage = "cairn disk hydrate SERVER/DISK\n       cairn disk hydrate POOL SERVER/DISK"
+    )]
+    Hydrate {
+        /// SERVER/DISK (daemon form), or POOL SERVER/DISK (offline form).
+        #[arg(value_name = "[POOL] SERVER/DISK", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(long, short)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `cairn server ...`: the offline form on a pool, or a request to the daemon.
+pub async fn server_command(c: ServerCommand, conn: &Conn) -> Result<ExitCode> {
+    use crate::commands::{Form, form, no_json_offline, usage};
+    let offline = match c {
+        ServerCommand::Create {
+            args,
+            pre_hook,
+            post_hook,
+            json,
+        } => match form(&args, 1) {
+            Form::Offline(pool, rest) => {
+                no_json_offline("server create", json)?;
+                let [name] = rest else {
+                    return Err(usage("server create", "give POOL NAME"));
+                };
+                OfflineServer::Create {
+                    pool: pool.into(),
+                    name: name.clone(),
+                    pre_hook,
+                    post_hook,
+                }
+            }
+            Form::Daemon(rest) => {
+                return crate::remote::server_create(conn, &rest[0], pre_hook, post_hook, json)
+                    .await;
+            }
+        },
+        ServerCommand::List { pool, json } => match pool {
+            Some(pool) => OfflineServer::List {
+                pool: pool.into(),
+                json,
+            },
+            None => return crate::remote::server_list(conn, json).await,
+        },
+        ServerCommand::Show { name, json } => {
+            return crate::remote::server_show(conn, &name, json).await;
+        }
+        ServerCommand::Start { args, json } => match server_action(&args, "start", json)? {
+            Some(pool) => OfflineServer::Start {
+                pool,
+                name: args[1].clone(),
+            },
+            None => return crate::remote::server_action(conn, &args[0], "start", json).await,
+        },
+        ServerCommand::Stop { args, json } => match server_action(&args, "stop", json)? {
+            Some(pool) => OfflineServer::Stop {
+                pool,
+                name: args[1].clone(),
+            },
+            None => return crate::remote::server_action(conn, &args[0], "stop", json).await,
+        },
+        ServerCommand::Delete { args, json } => match server_action(&args, "delete", json)? {
+            Some(pool) => OfflineServer::Delete {
+                pool,
+                name: args[1].clone(),
+            },
+            None => return crate::remote::server_action(conn, &args[0], "delete", json).await,
+        },
+    };
+    offline_server(offline).await
+}
+
+/// `server start|stop|delete [POOL] NAME`: `Some(pool)` for the offline form.
+fn server_action(args: &[String], verb: &str, json: bool) -> Result<Option<PathBuf>> {
+    use crate::commands::{Form, form, no_json_offline, usage};
+    match form(args, 1) {
+        Form::Offline(pool, rest) => {
+            no_json_offline(&format!("server {verb}"), json)?;
+            if rest.len() != 1 {
+                return Err(usage(&format!("server {verb}"), "give POOL NAME"));
+            }
+            Ok(Some(pool.into()))
+        }
+        Form::Daemon(_) => Ok(None),
+    }
+}
+
+/// `disk VERB [POOL] SERVER/DISK`: `Some(pool)` for the offline form, and the disk.
+fn disk_target(args: &[String], verb: &str, json: bool) -> Result<(Option<PathBuf>, String)> {
+    use crate::commands::{Form, form, no_json_offline, usage};
+    match form(args, 1) {
+        Form::Offline(pool, rest) => {
+            no_json_offline(&format!("disk {verb}"), json)?;
+            let [disk] = rest else {
+                return Err(usage(&format!("disk {verb}"), "give POOL SERVER/DISK"));
+            };
+            Ok((Some(pool.into()), disk.clone()))
+        }
+        Form::Daemon(rest) => Ok((None, rest[0].clone())),
+    }
+}
+
+/// `cairn disk ...`: the offline form on a pool, or a request to the daemon.
+pub async fn disk_command(c: DiskCommand, conn: &Conn) -> Result<ExitCode> {
+    use crate::commands::{Form, form, no_json_offline};
+    let offline = match c {
+        DiskCommand::Create { args, size, json } => match disk_target(&args, "create", json)? {
+            (Some(pool), disk) => OfflineDisk::Create { pool, disk, size },
+            (None, disk) => {
+                return crate::remote::disk_create(conn, &disk, size.as_u64(), json).await;
+            }
+        },
+        DiskCommand::Import {
+            pool,
+            disk,
+            image,
+            format,
+            quiet,
+        } => OfflineDisk::Import {
+            pool,
+            disk,
+            image,
+            format,
+            quiet,
+        },
+        DiskCommand::Export {
+            pool,
+            disk,
+            target,
+            format,
+            force,
+            quiet,
+        } => OfflineDisk::Export {
+            pool,
+            disk,
+            target,
+            format,
+            force,
+            quiet,
+        },
+        DiskCommand::List { args, json } => match form(&args, 1) {
+            Form::Offline(pool, rest) => OfflineDisk::List {
+                pool: pool.into(),
+                server: rest.first().cloned(),
+                json,
+            },
+            Form::Daemon(rest) => {
+                return crate::remote::disk_list(conn, rest.first().map(String::as_str), json)
+                    .await;
+            }
+        },
+        DiskCommand::Show { disk, json } => {
+            return crate::remote::disk_show(conn, &disk, json).await;
+        }
+        DiskCommand::Grow { args, size, json } => match disk_target(&args, "grow", json)? {
+            (Some(pool), disk) => OfflineDisk::Grow { pool, disk, size },
+            (None, disk) => {
+                return crate::remote::disk_grow(conn, &disk, size.as_u64(), json).await;
+            }
+        },
+        DiskCommand::Delete { args, yes, json } => match disk_target(&args, "delete", json)? {
+            (Some(pool), disk) => OfflineDisk::Delete { pool, disk, yes },
+            (None, disk) => return crate::remote::disk_delete(conn, &disk, yes, json).await,
+        },
+        DiskCommand::Clone {
+            pool,
+            point,
+            disk,
+            from_disk,
+            space,
+        } => OfflineDisk::Clone {
+            pool,
+            point,
+            disk,
+            from_disk,
+            space,
+        },
+        DiskCommand::Hydrate { args, quiet, json } => match disk_target(&args, "hydrate", json)? {
+            (Some(pool), disk) => OfflineDisk::Hydrate { pool, disk, quiet },
+            (None, disk) => return crate::remote::disk_hydrate(conn, &disk, quiet, json).await,
+        },
+    };
+    let _ = no_json_offline;
+    offline_disk(offline).await
+}
+
+/// The offline forms of `cairn server` (on a pool directly).
+#[derive(Debug, Subcommand)]
+pub enum OfflineServer {
     /// Create a server (a named set of disks), stopped.
     Create {
         pool: PathBuf,
@@ -65,8 +429,9 @@ pub enum ServerCommand {
     Delete { pool: PathBuf, name: String },
 }
 
+/// The offline forms of `cairn disk` (on a pool directly).
 #[derive(Debug, Subcommand)]
-pub enum DiskCommand {
+pub enum OfflineDisk {
     /// Create an empty disk of a size.
     Create {
         pool: PathBuf,
@@ -236,9 +601,9 @@ pub async fn pool_command(c: PoolCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
+pub async fn offline_server(c: OfflineServer) -> Result<ExitCode> {
     match c {
-        ServerCommand::Create {
+        OfflineServer::Create {
             pool,
             name,
             pre_hook,
@@ -248,7 +613,7 @@ pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
             p.create_server(&name, pre_hook, post_hook)?;
             println!("created server {name} (stopped; add disks with `cairn disk create`)");
         }
-        ServerCommand::List { pool, json } => {
+        OfflineServer::List { pool, json } => {
             let p = Pool::open(&pool)?;
             let servers = p.servers()?;
             let attached: Vec<String> = match remote(&pool, Request::Status).await? {
@@ -298,7 +663,7 @@ pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
                 println!("{t}");
             }
         }
-        ServerCommand::Start { pool, name } => {
+        OfflineServer::Start { pool, name } => {
             if set_state(&pool, &name, ServerState::Running).await? {
                 println!("server {name} is running: its disks are exported as {name}/<disk>");
             } else {
@@ -308,11 +673,11 @@ pub async fn server_command(c: ServerCommand) -> Result<ExitCode> {
                 );
             }
         }
-        ServerCommand::Stop { pool, name } => {
+        OfflineServer::Stop { pool, name } => {
             set_state(&pool, &name, ServerState::Stopped).await?;
             println!("server {name} is stopped");
         }
-        ServerCommand::Delete { pool, name } => {
+        OfflineServer::Delete { pool, name } => {
             let p = Pool::open(&pool)?;
             p.delete_server(&name)?;
             println!("deleted server {name}");
@@ -339,9 +704,9 @@ async fn set_state(pool: &Path, name: &str, state: ServerState) -> Result<bool> 
     Ok(false)
 }
 
-pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
+pub async fn offline_disk(c: OfflineDisk) -> Result<ExitCode> {
     match c {
-        DiskCommand::Create {
+        OfflineDisk::Create {
             pool,
             disk,
             size: sz,
@@ -351,7 +716,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
             let m = host::create_disk(&p, &s, &d, sz.as_u64())?;
             println!("created disk {s}/{d} ({})", size(m.size));
         }
-        DiskCommand::Import {
+        OfflineDisk::Import {
             pool,
             disk,
             image,
@@ -370,7 +735,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
                 size(m.size)
             );
         }
-        DiskCommand::Export {
+        OfflineDisk::Export {
             pool,
             disk,
             target,
@@ -386,7 +751,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
             })?;
             println!("exported disk {s}/{d} to {} ({format})", target.display());
         }
-        DiskCommand::List { pool, server, json } => {
+        OfflineDisk::List { pool, server, json } => {
             let p = Pool::open(&pool)?;
             let servers = match server {
                 Some(s) => vec![p.server(&s)?],
@@ -462,7 +827,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
                 println!("{t}");
             }
         }
-        DiskCommand::Grow {
+        OfflineDisk::Grow {
             pool,
             disk,
             size: sz,
@@ -472,7 +837,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
             let m = host::grow_disk(&p, &s, &d, sz.as_u64())?;
             println!("disk {s}/{d} is now {}", size(m.size));
         }
-        DiskCommand::Delete { pool, disk, yes } => {
+        OfflineDisk::Delete { pool, disk, yes } => {
             let p = Pool::open(&pool)?;
             let (s, d) = spec(&disk)?;
             let m = p.disk(&s, &d)?;
@@ -489,7 +854,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
             }
             println!("deleted disk {s}/{d}");
         }
-        DiskCommand::Clone {
+        OfflineDisk::Clone {
             pool,
             point,
             disk,
@@ -516,7 +881,7 @@ pub async fn disk_command(c: DiskCommand) -> Result<ExitCode> {
                 pool.display()
             );
         }
-        DiskCommand::Hydrate { pool, disk, quiet } => {
+        OfflineDisk::Hydrate { pool, disk, quiet } => {
             let (s, d) = spec(&disk)?;
             let h = Host::open(&pool).await?;
             let served = remote(&pool, Request::Status).await?;

@@ -1,5 +1,6 @@
-//! `cairn`: the one binary. Offline commands on a recovery space today; the daemon
-//! (`cairn serve`) and its client commands come with the location daemon.
+//! `cairn`: the one binary. Offline commands on a recovery space or disk pool, the
+//! location daemon (`cairn serve`), and the client of its API (`CAIRN_URL`) for
+//! everything the daemon owns.
 //!
 //! Exit codes (docs and tests rely on them):
 //! - 0: success
@@ -8,10 +9,17 @@
 //! - 3: stored data is damaged (verify found damage; restore or rollback met a damaged or
 //!   missing chunk)
 //! - 4: nothing was done because confirmation is required (e.g. rollback without --yes)
+//!
+//! Through the daemon: an API error answer prints `error: <message>` and exits 3 for the
+//! code `damaged`, 4 for `confirmation_required`, 1 otherwise; a followed job that failed
+//! exits 1.
 
+mod client;
 mod commands;
 mod live;
 mod progress;
+mod remote;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -40,6 +48,15 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.downcast_ref::<commands::UsageError>().is_some() {
+                return ExitCode::from(2);
+            }
+            if let Some(api) = e.downcast_ref::<client::ApiError>() {
+                return ExitCode::from(api.exit_code());
+            }
+            if let Some(job) = e.downcast_ref::<client::JobFailed>() {
+                return ExitCode::from(if job.damaged { 3 } else { 1 });
+            }
             let damaged = e
                 .downcast_ref::<cairn_store::SpaceError>()
                 .is_some_and(cairn_store::SpaceError::is_damage)

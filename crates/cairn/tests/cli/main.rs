@@ -6,6 +6,7 @@
 mod block;
 mod common;
 mod crash;
+mod daemon;
 mod input;
 mod live;
 mod session;
