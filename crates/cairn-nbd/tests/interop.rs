@@ -528,6 +528,15 @@ fn many_requests_in_flight_of_every_size() {
             (1000 + i as u64, offset, len)
         })
         .collect();
+    // Page-aligned reads of up to 1 MiB (the size of the pipe a file export's reads are
+    // spliced through), and one a byte longer.
+    let mut reads = reads;
+    reads.extend([
+        (2000, 0, 1 << 20),
+        (2001, 1 << 20, 1 << 20),
+        (2002, (5 << 20) + 4096, (1 << 20) - 4096),
+        (2003, 8 << 20, (1 << 20) + 1),
+    ]);
     let mut all = Vec::new();
     for &(handle, offset, len) in &reads {
         all.extend_from_slice(&request(0, handle, offset, len));
