@@ -24,12 +24,16 @@ pub struct Space {
     config: SpaceConfig,
 }
 
-/// Opens the backend for a space location given by an operator: a folder path (the
-/// embedded default). With `create`, a missing folder is created.
+/// Opens the backend for a space location given by an operator: a folder path or
+/// `file://` URL (the embedded default; with `create`, a missing folder is created), or
+/// an S3-compatible store (`s3://BUCKET/PREFIX?endpoint=…&region=…`).
 pub fn open_location(location: &str, create: bool) -> Result<Arc<dyn Backend>, SpaceError> {
+    if location.starts_with("s3://") {
+        return Ok(Arc::new(ObjectStoreBackend::s3(location)?));
+    }
     if location.contains("://") && !location.starts_with("file://") {
         return Err(SpaceError::NotASpace {
-            location: format!("{location} (only folder paths are supported so far)"),
+            location: format!("{location} (use a folder path, file://PATH or s3://BUCKET/PREFIX)"),
         });
     }
     let path = Path::new(location.strip_prefix("file://").unwrap_or(location));

@@ -42,6 +42,80 @@ impl ObjectStoreBackend {
         Ok(backend)
     }
 
+    /// A space on S3-compatible object storage, from a URL
+    /// `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&allow_http=true]`. Credentials come
+    /// from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_SESSION_TOKEN`, or the other sources `object_store` reads) and never appear in
+    /// messages. Requests are retried with backoff on throttling, 5xx and timeouts.
+    pub fn s3(url: &str) -> Result<Self, BackendError> {
+        Self::s3_with_credentials(url, None)
+    }
+
+    /// Like [`ObjectStoreBackend::s3`], with an access key and secret given explicitly
+    /// (from a config file) instead of the environment.
+    pub fn s3_with_credentials(
+        url: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<Self, BackendError> {
+        let bad = |detail: String| BackendError::Io {
+            key: String::new(),
+            detail: format!("recovery space URL {url:?}: {detail}"),
+            retryable: false,
+        };
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("not an s3:// URL".into()))?;
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        let prefix = prefix.trim_matches('/');
+        if bucket.is_empty() {
+            return Err(bad("no bucket (s3://BUCKET/PREFIX)".into()));
+        }
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some((key, secret)) = credentials {
+            builder = builder
+                .with_access_key_id(key)
+                .with_secret_access_key(secret);
+        }
+        let mut endpoint = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "endpoint" => {
+                    builder = builder
+                        .with_endpoint(v)
+                        .with_allow_http(v.starts_with("http://"));
+                    endpoint = Some(v.to_string());
+                }
+                "region" => builder = builder.with_region(v),
+                "allow_http" => builder = builder.with_allow_http(v == "true"),
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (known: endpoint, region, allow_http)"
+                    )));
+                }
+            }
+        }
+        let store = builder
+            .with_retry(object_store::RetryConfig {
+                max_retries: 8,
+                retry_timeout: std::time::Duration::from_secs(120),
+                ..Default::default()
+            })
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let describe = format!(
+            "s3://{bucket}/{prefix}{}",
+            endpoint.map(|e| format!(" at {e}")).unwrap_or_default()
+        );
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(store)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+        };
+        Ok(Self::new(store, describe))
+    }
+
     /// A space in memory (tests, benchmarks of the pipeline alone).
     pub fn memory() -> Self {
         Self::new(Arc::new(object_store::memory::InMemory::new()), "memory:")

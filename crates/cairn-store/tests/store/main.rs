@@ -7,3 +7,4 @@ mod corruption;
 mod faults;
 mod gc;
 mod model;
+mod s3;

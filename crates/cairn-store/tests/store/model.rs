@@ -57,13 +57,23 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn run_model(fs: bool, sizes: Vec<u32>, steps: Vec<Step>) {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Memory,
+    Folder,
+    S3,
+}
+
+fn run_model(store: Store, sizes: Vec<u32>, steps: Vec<Step>) {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let space: Space = if fs {
-            fs_space(dir.path()).await
-        } else {
-            mem_space().await
+        let space: Space = match store {
+            Store::Folder => fs_space(dir.path()).await,
+            Store::Memory => mem_space().await,
+            Store::S3 => match crate::s3::s3_space(CHUNK).await {
+                Some(s) => s,
+                None => return,
+            },
         };
         // The reference: current content of each disk, and of each live point.
         let mut disks: Vec<Vec<u8>> = sizes.iter().map(|s| vec![0u8; *s as usize * 512]).collect();
@@ -203,7 +213,7 @@ proptest! {
         sizes in prop::collection::vec(1u32..2500, 1..=2),
         steps in prop::collection::vec(step(), 1..30),
     ) {
-        run_model(false, sizes, steps);
+        run_model(Store::Memory, sizes, steps);
     }
 }
 
@@ -215,7 +225,20 @@ proptest! {
         sizes in prop::collection::vec(1u32..2500, 1..=2),
         steps in prop::collection::vec(step(), 1..20),
     ) {
-        run_model(true, sizes, steps);
+        run_model(Store::Folder, sizes, steps);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// The same model on a real S3-compatible server (moto on loopback).
+    #[test]
+    fn space_matches_model_on_s3(
+        sizes in prop::collection::vec(1u32..2500, 1..=2),
+        steps in prop::collection::vec(step(), 1..20),
+    ) {
+        run_model(Store::S3, sizes, steps);
     }
 }
 
