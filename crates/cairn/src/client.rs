@@ -219,10 +219,12 @@ impl Client {
                     )
                 }
             });
-        if code == "unauthorized" && self.token.is_none() {
-            message.push_str(
-                " (no token given: set CAIRN_TOKEN or pass --token; make one with `cairn token create NAME --role ROLE` on the daemon's host)",
-            );
+        if code == "unauthorized" {
+            message.push_str(if self.token.is_none() {
+                " (no token given: set CAIRN_TOKEN or pass --token)"
+            } else {
+                " (the token given by CAIRN_TOKEN or --token was refused: mistyped, revoked, or made for another data directory)"
+            });
         }
         ApiError { code, message }
     }
@@ -303,16 +305,9 @@ impl Client {
     /// `progress.done/total` (only on a terminal, and not when `quiet`). Returns the final
     /// job; a failed job is an error ([`JobFailed`]), after its JSON when `json`.
     pub async fn follow(&self, job_id: &str, quiet: bool, json: bool) -> Result<Value> {
-        let bar = ProgressBar::hidden();
-        if !quiet && std::io::stderr().is_terminal() {
-            bar.set_draw_target(ProgressDrawTarget::stderr());
-        }
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>14} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+        let bar = job_bar(
+            quiet,
+            "{msg:>12} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         );
         let path = path(&["jobs", job_id]);
         let mut errors = 0;
@@ -368,4 +363,19 @@ impl Client {
         }
         Ok(job)
     }
+}
+
+/// A bar on stderr with this template when stderr is a terminal and not `quiet`; hidden
+/// otherwise.
+pub fn job_bar(quiet: bool, template: &str) -> ProgressBar {
+    let bar = ProgressBar::hidden();
+    if !quiet && std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
 }

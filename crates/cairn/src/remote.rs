@@ -633,21 +633,38 @@ pub async fn disk_delete(conn: &Conn, disk: &str, yes: bool, json: bool) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// `disk hydrate S/D` through the daemon: starts the copy, then follows the disk
+/// (`hydration` while its server runs) until it no longer depends on a point.
 pub async fn disk_hydrate(conn: &Conn, disk: &str, quiet: bool, json: bool) -> Result<ExitCode> {
     let c = Client::new(conn)?;
-    let ans = c
-        .post(&format!("disks/{}/hydrate", disk_path(disk)?), &json!({}))
-        .await?;
-    if json {
-        print_json(&ans)?;
-    } else if ans["hydrated"] == true {
-        println!("disk {disk} is hydrated: it does not depend on a recovery point");
-    } else {
-        println!(
-            "disk {disk}: hydration started in the daemon; `cairn disk show {disk}` shows its progress"
+    let p = format!("disks/{}", disk_path(disk)?);
+    let ans = c.post(&format!("{p}/hydrate"), &json!({})).await?;
+    if ans["hydrated"] != true {
+        let bar = crate::client::job_bar(
+            quiet || json,
+            "{msg:>12} [{wide_bar}] {pos}/{len} chunks ETA {eta}",
         );
+        bar.set_message("hydrate");
+        loop {
+            let d = c.get(&p).await?;
+            if d["clone_of"].is_null() {
+                break;
+            }
+            if let (Some(done), Some(total)) =
+                (d["hydration"][0].as_u64(), d["hydration"][1].as_u64())
+            {
+                bar.set_length(total);
+                bar.set_position(done.min(total));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        bar.finish_and_clear();
     }
-    let _ = quiet;
+    if json {
+        print_json(&c.get(&p).await?)?;
+    } else {
+        println!("disk {disk} is hydrated: it no longer depends on its recovery point");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -268,6 +268,18 @@ fn operator_session_through_the_daemon() {
         "web-copy/root",
     ]);
     qemu_io("read -P 0xab 0 1M", &nbd("web-copy/root"));
+    // (Background hydration may have finished already: then hydrate has nothing to do.)
+    sh.ok(&["disk", "hydrate", "web-copy/root"]);
+    let copy = sh.json(&["disk", "show", "web-copy/root", "--json"]);
+    assert!(copy["clone_of"].is_null(), "{copy}");
+    qemu_io("read -P 0xab 0 1M", &nbd("web-copy/root"));
+    let servers = sh.json(&["server", "list", "--json"]);
+    assert_eq!(servers.as_array().unwrap().len(), 2, "{servers}");
+    let disks = sh.ok(&["disk", "list", "web-copy"]);
+    assert!(
+        disks.contains("web-copy/root") && !disks.contains("web/root"),
+        "{disks}"
+    );
 
     // Roll back the stopped server's disk: refused without --yes (exit 4), then done.
     qemu_io("write -P 0xcd 0 1M", &nbd("web/root"));
@@ -277,6 +289,35 @@ fn operator_session_through_the_daemon() {
     sh.ok(&["point", "rollback", &point, "--disk", "web/root", "--yes"]);
     sh.ok(&["server", "start", "web"]);
     qemu_io("read -P 0xab 0 1M", &nbd("web/root"));
+
+    // Verify jobs, waited for.
+    let v = sh.ok(&["point", "verify", &point, "--wait"]);
+    assert!(v.contains("verify") && v.contains("succeeded"), "{v}");
+    let v = sh.json(&["policy", "verify", "nightly", "--wait", "--json"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["kind"], "verify", "{v}");
+
+    // Policy changes: only what is given changes; pause and resume.
+    sh.ok(&["policy", "update", "nightly", "--keep-daily", "14"]);
+    let shown = sh.json(&["policy", "show", "nightly", "--json"]);
+    assert_eq!(shown["retention"]["keep_last"], 7, "{shown}");
+    assert_eq!(shown["retention"]["keep_daily"], 14, "{shown}");
+    sh.ok(&[
+        "policy",
+        "update",
+        "nightly",
+        "--timezone",
+        "Europe/Amsterdam",
+    ]);
+    let shown = sh.json(&["policy", "show", "nightly", "--json"]);
+    assert_eq!(shown["schedule"]["cron"], "0 2 * * *", "{shown}");
+    assert_eq!(shown["schedule"]["timezone"], "Europe/Amsterdam", "{shown}");
+    sh.ok(&["policy", "pause", "nightly"]);
+    assert_eq!(
+        sh.json(&["policy", "show", "nightly", "--json"])["status"],
+        "paused"
+    );
+    sh.ok(&["policy", "resume", "nightly"]);
 
     // Jobs.
     let jobs = sh.json(&["job", "list", "--policy", "nightly", "--json"]);
@@ -294,6 +335,10 @@ fn operator_session_through_the_daemon() {
     let second = sh.run(&["policy", "replicate-now", "nightly"]);
     assert_eq!(second.code, 0, "{}", second.stderr);
     let state = sh.json(&["job", "show", &first_id, "--json"])["state"].clone();
+    eprintln!(
+        "second replicate-now while job {first_id} ran: {}",
+        second.stdout.trim()
+    );
     if second.stdout.contains("skipped") {
         assert!(
             second.stdout.starts_with("skipped: ") && second.stdout.contains(&first_id),
@@ -311,6 +356,7 @@ fn operator_session_through_the_daemon() {
 
     // Bad input.
     let r = sh.run(&["policy", "show", "nosuch"]);
+    eprintln!("unknown policy: {}", r.stderr.trim());
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.starts_with("error: ") && r.stderr.contains("nosuch"),
@@ -333,6 +379,7 @@ fn operator_session_through_the_daemon() {
     let r = bad.run(&["policy", "list"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.starts_with("error: "), "{}", r.stderr);
+    eprintln!("bad token: {}", r.stderr.trim());
     let anonymous = Shell {
         env: vec![("CAIRN_URL", daemon.url.clone())],
     };
