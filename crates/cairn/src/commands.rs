@@ -407,8 +407,14 @@ async fn open(space: &str) -> Result<Space> {
 }
 
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(v)?;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        // A reader that went away (`| head`) is not an error worth a panic.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => Ok(r?),
+    }
 }
 
 pub fn size(n: u64) -> String {

@@ -354,6 +354,26 @@ fn operator_session_through_the_daemon() {
     }
     sh.ok(&["job", "follow", &first_id, "-q"]);
 
+    // A job that fails: `--wait` and `job follow` exit 1 with the job's error.
+    sh.ok(&["server", "create", "empty"]);
+    sh.ok(&[
+        "policy", "create", "bad", "--scope", "empty", "--every", "1h",
+    ]);
+    let r = sh.run(&["policy", "replicate-now", "bad", "--wait"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.starts_with("error: job ") && r.stderr.contains("failed: "),
+        "{}",
+        r.stderr
+    );
+    let failed = sh.json(&[
+        "job", "list", "--policy", "bad", "--state", "failed", "--json",
+    ]);
+    let failed = failed[0]["id"].as_str().unwrap().to_string();
+    let r = sh.run(&["job", "follow", &failed]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    sh.ok(&["policy", "delete", "bad", "--delete-points"]);
+
     // Bad input.
     let r = sh.run(&["policy", "show", "nosuch"]);
     eprintln!("unknown policy: {}", r.stderr.trim());
