@@ -135,6 +135,7 @@ where
     let export = exports
         .open(&negotiated.export.name)
         .ok_or_else(|| ConnectionError::Gone(negotiated.export.name.clone()))?;
+    let _counted = crate::stats::ConnectionGuard::new();
     transmission(stream, leftover, negotiated, export, poller).await
 }
 
@@ -570,6 +571,7 @@ where
                         splicer = None;
                         splice_ok = false;
                     }
+                    crate::stats::count_write(u64::from(req.len));
                     served += 1;
                     small = false;
                     batch.push(structured, req, head.and(r).into());
@@ -1011,6 +1013,11 @@ async fn execute(
         return Outcome::Failed(errno, msg.into());
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.command {
+        CMD_READ => crate::stats::count_read(u64::from(req.len)),
+        CMD_WRITE => crate::stats::count_write(u64::from(req.len)),
+        _ => crate::stats::count_other(),
+    }
     match req.command {
         CMD_READ => match export.read(req.offset, req.len).await {
             Ok(data) => {
