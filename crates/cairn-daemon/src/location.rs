@@ -766,7 +766,9 @@ impl Location {
         self.db
             .call(move |c| {
                 c.execute(
-                    "UPDATE jobs SET state = ?2, ended_at = ?3, duration_ms = ?4, error = ?5 WHERE id = ?1",
+                    // Not over a record shutdown already closed (an aborted job's last
+                    // database call can still land).
+                    "UPDATE jobs SET state = ?2, ended_at = ?3, duration_ms = ?4, error = ?5 WHERE id = ?1 AND state IN ('queued', 'running')",
                     params![id2, state, t, ms, error],
                 )
                 .map_err(sql_err)
@@ -798,11 +800,13 @@ impl Location {
         }
         let outcome = self.replicate(&job, &policy, &progress).await;
         let ok = outcome.is_ok();
+        // The policy's slot is free before the record says the job ended: whoever sees
+        // it ended and asks again ("replicate now" after `--wait`) is not skipped.
+        self.running.lock().expect("poisoned").remove(&policy.id);
         if let Err(e) = self.finish_job(&job.id, started, outcome).await {
             tracing::error!("job {}: cannot record its end: {e}", job.id);
         }
         drop(permit);
-        self.running.lock().expect("poisoned").remove(&policy.id);
         self.progress.lock().expect("poisoned").remove(&job.id);
         self.tasks.lock().expect("poisoned").remove(&job.id);
         if ok && let Err(e) = self.apply_retention(&policy).await {
@@ -1493,27 +1497,58 @@ impl Location {
                 Ok(ids)
             })
             .await?;
-        if !ids.is_empty()
-            && let Ok(space) = self.host.space()
-        {
-            let records = space.list_points().await?;
-            let orphans: Vec<PointId> = records
-                .iter()
-                .filter(|r| {
-                    ids.iter()
-                        .any(|id| r.trigger.ends_with(&format!("job {id}")))
-                })
-                .map(|r| r.id)
-                .collect();
-            if !orphans.is_empty() {
-                tracing::warn!(
-                    "removing {} recovery point(s) of interrupted jobs",
-                    orphans.len()
-                );
-                cairn_store::gc::delete_points(space, &orphans).await?;
-            }
+        let removed = self.remove_orphan_points().await?;
+        if removed > 0 {
+            tracing::warn!("removed {removed} recovery point(s) of interrupted jobs");
         }
         Ok(ids.len())
+    }
+
+    /// Removes the recovery space points of replication jobs recorded as failed.
+    /// A job commits its whole scope or nothing, but one stopped half-way (killed, or
+    /// aborted on shutdown) may have committed the points of the servers it had done.
+    /// Call it only when no replication job is running. Returns how many were removed.
+    async fn remove_orphan_points(&self) -> Result<usize, ApiError> {
+        let Ok(space) = self.host.space() else {
+            return Ok(0);
+        };
+        let mut by_job: HashMap<String, Vec<PointId>> = HashMap::new();
+        for r in space.list_points().await? {
+            if let Some((_, id)) = r.trigger.rsplit_once(" job ") {
+                by_job.entry(id.to_string()).or_default().push(r.id);
+            }
+        }
+        if by_job.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = by_job.keys().cloned().collect();
+        let failed: Vec<String> = self
+            .db
+            .call(move |c| {
+                let mut st = c
+                    .prepare_cached("SELECT state FROM jobs WHERE id = ?1 AND kind = 'replication'")
+                    .map_err(sql_err)?;
+                let mut out = Vec::new();
+                for id in ids {
+                    let state: Option<String> = st
+                        .query_row(params![id], |r| r.get(0))
+                        .optional()
+                        .map_err(sql_err)?;
+                    if state.is_some_and(|s| s == "failed") {
+                        out.push(id);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let orphans: Vec<PointId> = failed
+            .iter()
+            .flat_map(|id| by_job.get(id).into_iter().flatten().copied())
+            .collect();
+        if !orphans.is_empty() {
+            cairn_store::gc::delete_points(space, &orphans).await?;
+        }
+        Ok(orphans.len())
     }
 
     /// Stops taking jobs; waits up to the grace time for running ones; the rest are
@@ -1533,6 +1568,7 @@ impl Location {
         }
         let left: Vec<(String, tokio::task::AbortHandle)> =
             self.tasks.lock().expect("poisoned").drain().collect();
+        let mut aborted = Vec::new();
         for (id, h) in left {
             h.abort();
             let (id2, now) = (id.clone(), now_text());
@@ -1552,6 +1588,24 @@ impl Location {
             if let Err(e) = r {
                 tracing::error!("job {id}: {e}");
             }
+            aborted.push(h);
+        }
+        if aborted.is_empty() {
+            return;
+        }
+        // Once the aborted jobs are gone, what they had committed goes too.
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while aborted.iter().any(|h| !h.is_finished()) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match self.remove_orphan_points().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!("removed {n} recovery point(s) of jobs interrupted by shutdown")
+            }
+            Err(e) => tracing::error!(
+                "points of jobs interrupted by shutdown not removed ({e}); the next start removes them"
+            ),
         }
     }
 
@@ -1637,8 +1691,10 @@ impl Location {
                     };
                     let anchor = parse_time(&row.updated_at).unwrap_or(now);
                     let due = *next.entry(row.id.clone()).or_insert_with(|| {
+                        // Strictly after the anchor: an interval's anchor (the policy's
+                        // creation or change) is not a run, or every change would start one.
                         let missed = s.prev_at_or_before(now, anchor).filter(|p| {
-                            *p >= anchor
+                            *p > anchor
                                 && last_queued
                                     .get(&row.id)
                                     .and_then(|q| parse_time(q))
