@@ -16,7 +16,13 @@ use serde_json::Value;
 pub struct Conn {
     /// The Cairn daemon's API, e.g. http://127.0.0.1:7070 (for the daemon forms of
     /// commands; offline forms take a pool or space path instead).
-    #[arg(long, global = true, env = "CAIRN_URL", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_URL",
+        value_name = "URL",
+        display_order = 900
+    )]
     pub url: Option<String>,
     /// API token (made with `cairn token create` on the daemon's host).
     #[arg(
@@ -24,7 +30,8 @@ pub struct Conn {
         global = true,
         env = "CAIRN_TOKEN",
         hide_env_values = true,
-        value_name = "TOKEN"
+        value_name = "TOKEN",
+        display_order = 901
     )]
     pub token: Option<String>,
 }

@@ -42,6 +42,12 @@ pub enum PolicyCommand {
         policy: String,
         #[command(flatten)]
         spec: PolicySpec,
+        /// Pause it (like `cairn policy pause`).
+        #[arg(long, conflicts_with = "enabled")]
+        paused: bool,
+        /// Resume it (like `cairn policy resume`).
+        #[arg(long)]
+        enabled: bool,
         #[arg(long)]
         json: bool,
     },
@@ -1172,7 +1178,13 @@ pub async fn policy_command(cmd: PolicyCommand, conn: &Conn) -> Result<ExitCode>
                 print_policy(&p);
             }
         }
-        PolicyCommand::Update { policy, spec, json } => {
+        PolicyCommand::Update {
+            policy,
+            spec,
+            paused,
+            enabled,
+            json,
+        } => {
             let p = path(&["policies", &policy]);
             let needs_current =
                 spec.keeps() || (spec.timezone.is_some() && spec.schedule.is_none());
@@ -1204,6 +1216,9 @@ pub async fn policy_command(cmd: PolicyCommand, conn: &Conn) -> Result<ExitCode>
             }
             if let Some(sp) = &spec.space {
                 body["space"] = sp.clone().into();
+            }
+            if paused || enabled {
+                body["enabled"] = enabled.into();
             }
             if body.as_object().is_some_and(serde_json::Map::is_empty) {
                 return Err(usage("policy update", "nothing to change: give a flag"));

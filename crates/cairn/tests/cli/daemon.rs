@@ -318,6 +318,22 @@ fn operator_session_through_the_daemon() {
         "paused"
     );
     sh.ok(&["policy", "resume", "nightly"]);
+    sh.ok(&["policy", "update", "nightly", "--paused"]);
+    assert_eq!(
+        sh.json(&["policy", "show", "nightly", "--json"])["enabled"],
+        false
+    );
+    sh.ok(&[
+        "policy",
+        "update",
+        "nightly",
+        "--enabled",
+        "--description",
+        "every night",
+    ]);
+    let shown = sh.json(&["policy", "show", "nightly", "--json"]);
+    assert_eq!(shown["enabled"], true, "{shown}");
+    assert_eq!(shown["description"], "every night", "{shown}");
 
     // Jobs.
     let jobs = sh.json(&["job", "list", "--policy", "nightly", "--json"]);
