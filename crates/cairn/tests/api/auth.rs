@@ -214,6 +214,18 @@ async fn no_token_a_bad_token_or_a_revoked_token_is_401() {
     let v: Value = text.json().await.unwrap();
     assert_eq!(v["error"]["code"], "unauthorized");
 
+    // The scheme's case does not matter.
+    let (s, _) = d
+        .anonymous()
+        .http
+        .get(format!("{}/api/v1/policies", d.url))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(s, 200);
+
     d.revoke("temp");
     assert_error(&api.get("/api/v1/policies").await, 401, "unauthorized");
     // A new token of the same name works; the old one stays revoked.

@@ -395,6 +395,21 @@ async fn bad_ids_paths_and_queries() {
     ] {
         assert_error(&api.get(path).await, 404, "not_found");
     }
+    // Path segments that are not UTF-8: 400, in JSON like every other error.
+    for path in [
+        "/api/v1/policies/%FF",
+        "/api/v1/disks/%FF/root",
+        "/api/v1/jobs/%FF%FE",
+        "/api/v1/points/%C3%28/clone",
+    ] {
+        let m = if path.ends_with("clone") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let r = api.call(m, path, Some(json!({}))).await;
+        assert_error(&r, 400, "bad_request");
+    }
     let long = format!("/api/v1/policies/{}", "a".repeat(5000));
     assert_error(&api.get(&long).await, 404, "not_found");
     // A prefix shorter than 4 characters names nothing.
