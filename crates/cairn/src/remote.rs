@@ -651,16 +651,30 @@ pub async fn disk_hydrate(conn: &Conn, disk: &str, quiet: bool, json: bool) -> R
             "{msg:>12} [{wide_bar}] {pos}/{len} chunks ETA {eta}",
         );
         bar.set_message("hydrate");
+        // The daemon hydrates in the background and only logs a failure: give up when
+        // the progress shown does not move for two minutes rather than wait forever.
+        let mut last = None;
+        let mut since = std::time::Instant::now();
         loop {
             let d = c.get(&p).await?;
             if d["clone_of"].is_null() {
                 break;
             }
-            if let (Some(done), Some(total)) =
-                (d["hydration"][0].as_u64(), d["hydration"][1].as_u64())
-            {
+            let now = (d["hydration"][0].as_u64(), d["hydration"][1].as_u64());
+            if let (Some(done), Some(total)) = now {
                 bar.set_length(total);
                 bar.set_position(done.min(total));
+            }
+            // (Progress is only shown while the server runs; a stopped server's clone is
+            // waited for without a limit.)
+            if last != Some(now) || now.0.is_none() {
+                last = Some(now);
+                since = std::time::Instant::now();
+            } else if since.elapsed() > std::time::Duration::from_secs(120) {
+                bar.finish_and_clear();
+                anyhow::bail!(
+                    "hydration of {disk} made no progress for two minutes; see the daemon's log (run `cairn disk hydrate {disk}` again to resume)"
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
