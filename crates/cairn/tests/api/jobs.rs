@@ -360,3 +360,46 @@ async fn sigterm_lets_a_job_finish_within_the_grace_time() {
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(d.space_points_of(&job).len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_jobs_queues_jobs_of_other_policies() {
+    let d = Daemon::start(&["--max-jobs", "1"]).await;
+    let api = d.as_role("boss", "admin");
+    let gate = d.gate("slow");
+    api.server("slow", Some(&gate_hook(&gate))).await;
+    api.disk("slow/root", MIB).await;
+    api.server("fast", None).await;
+    api.disk("fast/root", MIB).await;
+    api.policy("a", &["slow"], json!({"interval": "1d"})).await;
+    api.policy("b", &["fast"], json!({"interval": "1d"})).await;
+    let a = api.replicate("a").await["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.wait_job_until(&a, 60, |j| j["state"] == "running")
+        .await;
+    // Another policy's job waits for the one slot: queued, not skipped.
+    let b = api.replicate("b").await;
+    assert_eq!(b["skipped"], false, "{b}");
+    let b = b["job"]["id"].as_str().unwrap().to_string();
+    let jb = api.ok(&format!("/api/v1/jobs/{b}")).await;
+    assert_eq!(jb["state"], "queued", "{jb}");
+    assert_eq!(
+        api.ok("/api/v1/policies/b").await["running_job"],
+        b.as_str()
+    );
+    // And a second request for b is skipped behind its queued job.
+    let again = api.replicate("b").await;
+    assert_eq!(again["skipped"], true, "{again}");
+    assert_eq!(again["job"]["skipped_for"], b.as_str());
+    open_gate(&gate);
+    assert_eq!(api.wait_job(&a).await["state"], "succeeded");
+    let jb = api.wait_job(&b).await;
+    assert_eq!(jb["state"], "succeeded", "{jb}");
+    let ja = api.ok(&format!("/api/v1/jobs/{a}")).await;
+    // b started only once a had ended.
+    assert!(
+        jb["started_at"].as_str().unwrap() >= ja["ended_at"].as_str().unwrap(),
+        "{ja} {jb}"
+    );
+}
