@@ -1284,7 +1284,10 @@ impl Location {
             "size": meta.size,
             "from": {"point": job.id, "space_point": p.point, "disk": disk},
             "started": start,
-            "export": format!("{to_server}/{to_disk}"),
+            "export": match (&self.config.nbd_listen, start) {
+                (Some(a), true) => Some(format!("nbd://{a}/{to_server}/{to_disk}")),
+                _ => None,
+            },
         }))
     }
 
