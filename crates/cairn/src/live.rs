@@ -559,10 +559,15 @@ pub async fn pool_command(c: PoolCommand) -> Result<ExitCode> {
         } => {
             let backend = cairn_store::space::open_location(&space, false)?;
             let s = cairn_store::Space::open(backend).await?;
-            let space_path = std::fs::canonicalize(&space)
-                .with_context(|| format!("cannot resolve {space}"))?
-                .display()
-                .to_string();
+            // A folder is kept as an absolute path; an object-store URL as given.
+            let space_path = if space.starts_with("s3://") {
+                space.clone()
+            } else {
+                std::fs::canonicalize(space.strip_prefix("file://").unwrap_or(&space))
+                    .with_context(|| format!("cannot resolve {space}"))?
+                    .display()
+                    .to_string()
+            };
             let p = Pool::init(&pool, &location, &space_path, s.config().id)?;
             if json {
                 print_json(p.meta())?;
