@@ -1099,19 +1099,19 @@ impl Location {
         Ok(Page { items, next_cursor })
     }
 
-    /// A job by id or unique id prefix (at least 4 characters).
-    pub async fn get_job(&self, id: &str) -> Result<Job, ApiError> {
-        let key = id.to_string();
-        if key.len() < 4 || !key.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return Err(ApiError::not_found(format!("no job {id}")));
-        }
-        let pattern = format!("{key}%");
-        let rows = self
+    /// At most two jobs whose `column` matches a LIKE `pattern`, newest first (two are
+    /// enough to tell "unique" from "ambiguous").
+    async fn two_jobs_like(
+        &self,
+        column: &'static str,
+        pattern: String,
+    ) -> Result<Vec<(i64, Job)>, ApiError> {
+        Ok(self
             .db
             .read(move |c| {
                 let mut st = c
                     .prepare_cached(&format!(
-                        "SELECT {JOB_COLUMNS} FROM jobs WHERE id LIKE ?1 ORDER BY seq DESC LIMIT 2"
+                        "SELECT {JOB_COLUMNS} FROM jobs WHERE {column} LIKE ?1 ORDER BY seq DESC LIMIT 2"
                     ))
                     .map_err(sql_err)?;
                 let rows = st
@@ -1121,7 +1121,16 @@ impl Location {
                     .map_err(sql_err)?;
                 Ok(rows)
             })
-            .await?;
+            .await?)
+    }
+
+    /// A job by id or unique id prefix (at least 4 characters).
+    pub async fn get_job(&self, id: &str) -> Result<Job, ApiError> {
+        let key = id.to_string();
+        if key.len() < 4 || !key.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(ApiError::not_found(format!("no job {id}")));
+        }
+        let rows = self.two_jobs_like("id", format!("{key}%")).await?;
         match rows.len() {
             0 => Err(ApiError::not_found(format!("no job {id}"))),
             1 => {
@@ -1151,22 +1160,8 @@ impl Location {
                 if key.len() < 8 || !key.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
                     return Err(ApiError::not_found(format!("no recovery point {spec}")));
                 }
-                let pattern = format!("%\"point\":\"{key}%");
                 let rows = self
-                    .db
-                    .call(move |c| {
-                        let mut st = c
-                            .prepare_cached(&format!(
-                                "SELECT {JOB_COLUMNS} FROM jobs WHERE points LIKE ?1 ORDER BY seq DESC LIMIT 2"
-                            ))
-                            .map_err(sql_err)?;
-                        let rows = st
-                            .query_map(params![pattern], job_from_row)
-                            .map_err(sql_err)?
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(sql_err)?;
-                        Ok(rows)
-                    })
+                    .two_jobs_like("points", format!("%\"point\":\"{key}%"))
                     .await?;
                 match rows.len() {
                     1 => rows.into_iter().next().expect("one").1,
