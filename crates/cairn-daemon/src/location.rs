@@ -536,16 +536,7 @@ impl Location {
         }
         let mut deleted_points = 0usize;
         if points == PointsOnDelete::Delete {
-            let jobs = self
-                .list_jobs(&JobFilter {
-                    policy: Some(row.id.clone()),
-                    kind: Some(JobKind::Replication),
-                    state: Some(JobState::Succeeded),
-                    limit: usize::MAX,
-                    ..JobFilter::default()
-                })
-                .await?;
-            let live: Vec<Job> = jobs.items.into_iter().filter(|j| j.restorable).collect();
+            let live = self.restorable_jobs(&row.id).await?;
             let space = self.host.space()?.clone();
             // Refuse before deleting anything when a clone depends on one of them.
             for j in &live {
@@ -938,16 +929,7 @@ impl Location {
         let Some(rules) = retention_of(&policy.spec.retention)? else {
             return Ok(());
         };
-        let jobs = self
-            .list_jobs(&JobFilter {
-                policy: Some(policy.id.clone()),
-                kind: Some(JobKind::Replication),
-                state: Some(JobState::Succeeded),
-                limit: usize::MAX,
-                ..JobFilter::default()
-            })
-            .await?;
-        let live: Vec<Job> = jobs.items.into_iter().filter(|j| j.restorable).collect();
+        let live = self.restorable_jobs(&policy.id).await?;
         let Some(newest) = live.first().map(|j| j.id.clone()) else {
             return Ok(());
         };
@@ -995,6 +977,21 @@ impl Location {
             }
         }
         Ok(())
+    }
+
+    /// A policy's restorable points (succeeded replication jobs whose data is kept),
+    /// newest first.
+    async fn restorable_jobs(&self, policy_id: &str) -> Result<Vec<Job>, ApiError> {
+        let jobs = self
+            .list_jobs(&JobFilter {
+                policy: Some(policy_id.to_string()),
+                kind: Some(JobKind::Replication),
+                state: Some(JobState::Succeeded),
+                limit: usize::MAX,
+                ..JobFilter::default()
+            })
+            .await?;
+        Ok(jobs.items.into_iter().filter(|j| j.restorable).collect())
     }
 
     /// Deletes the recovery space points of a job and marks it deleted.
@@ -1355,16 +1352,7 @@ impl Location {
             }
             (None, Some(p)) => {
                 let row = self.policy_row(p).await?;
-                let jobs = self
-                    .list_jobs(&JobFilter {
-                        policy: Some(row.id.clone()),
-                        kind: Some(JobKind::Replication),
-                        state: Some(JobState::Succeeded),
-                        limit: usize::MAX,
-                        ..JobFilter::default()
-                    })
-                    .await?;
-                let live: Vec<Job> = jobs.items.into_iter().filter(|j| j.restorable).collect();
+                let live = self.restorable_jobs(&row.id).await?;
                 if live.is_empty() {
                     return Err(ApiError::unprocessable(format!(
                         "policy {} has no recovery points to verify",

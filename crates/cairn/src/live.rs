@@ -401,109 +401,83 @@ pub async fn disk_command(c: DiskCommand, conn: &Conn) -> Result<ExitCode> {
     offline_disk(offline).await
 }
 
-/// The offline forms of `cairn server` (on a pool directly).
-#[derive(Debug, Subcommand)]
+/// The offline forms of `cairn server` (on a pool directly), as chosen by
+/// `server_command`; their flags and help are `ServerCommand`'s.
+#[derive(Debug)]
 pub enum OfflineServer {
-    /// Create a server (a named set of disks), stopped.
     Create {
         pool: PathBuf,
         name: String,
-        /// Command run (sh -c) before its disks are frozen for a point (e.g. fsfreeze).
-        #[arg(long)]
         pre_hook: Option<String>,
-        /// Command run right after the freeze (e.g. thaw).
-        #[arg(long)]
         post_hook: Option<String>,
     },
-    /// List servers and their state.
     List {
         pool: PathBuf,
-        #[arg(long)]
         json: bool,
     },
-    /// Start a server: its disks are exported by the pool's serving process.
-    Start { pool: PathBuf, name: String },
-    /// Stop a server: clients are disconnected, its disks synced and closed.
-    Stop { pool: PathBuf, name: String },
-    /// Delete a server that has no disks.
-    Delete { pool: PathBuf, name: String },
+    Start {
+        pool: PathBuf,
+        name: String,
+    },
+    Stop {
+        pool: PathBuf,
+        name: String,
+    },
+    Delete {
+        pool: PathBuf,
+        name: String,
+    },
 }
 
-/// The offline forms of `cairn disk` (on a pool directly).
-#[derive(Debug, Subcommand)]
+/// The offline forms of `cairn disk` (on a pool directly), as chosen by
+/// `disk_command`; their flags and help are `DiskCommand`'s.
+#[derive(Debug)]
 pub enum OfflineDisk {
-    /// Create an empty disk of a size.
     Create {
         pool: PathBuf,
-        /// SERVER/DISK
         disk: String,
-        #[arg(long)]
         size: ByteSize,
     },
-    /// Import an image (raw; qcow2, vmdk, ... through qemu-img) as a new disk.
     Import {
         pool: PathBuf,
         disk: String,
         image: PathBuf,
-        /// The image's format (default: detected).
-        #[arg(long)]
         format: Option<String>,
-        #[arg(long, short)]
         quiet: bool,
     },
-    /// Export a stopped server's disk to an image (raw, or qcow2 etc. through qemu-img).
     Export {
         pool: PathBuf,
         disk: String,
         target: PathBuf,
-        #[arg(long, default_value = "raw")]
         format: String,
-        /// Overwrite an existing target.
-        #[arg(long)]
         force: bool,
-        #[arg(long, short)]
         quiet: bool,
     },
-    /// List disks (of one server, or all).
     List {
         pool: PathBuf,
         server: Option<String>,
-        #[arg(long)]
         json: bool,
     },
-    /// Grow a stopped server's disk.
     Grow {
         pool: PathBuf,
         disk: String,
-        #[arg(long)]
         size: ByteSize,
     },
-    /// Delete a stopped server's disk (irreversible: needs --yes).
     Delete {
         pool: PathBuf,
         disk: String,
-        #[arg(long)]
         yes: bool,
     },
-    /// Make a new disk from a recovery point's disk, usable at once (copy-on-read).
     Clone {
         pool: PathBuf,
-        /// Point id, unique prefix, or `latest`.
         point: String,
-        /// The new disk, SERVER/DISK (its server must exist and be stopped).
         disk: String,
-        /// Which disk of the point (needed when it has several).
-        #[arg(long)]
         from_disk: Option<String>,
-        /// The space the point is in (default: the pool's location's space).
-        #[arg(long)]
         space: Option<String>,
     },
-    /// Copy the rest of a clone now; resumes where it stopped.
     Hydrate {
         pool: PathBuf,
         disk: String,
-        #[arg(long, short)]
         quiet: bool,
     },
 }
