@@ -97,7 +97,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
     }
 }
 
-fn need(p: &Principal, role: Role) -> ApiResult<()> {
+pub(crate) fn need(p: &Principal, role: Role) -> ApiResult<()> {
     if p.role >= role {
         Ok(())
     } else {
@@ -152,7 +152,10 @@ async fn auth_and_audit(State(loc): App, mut req: Request, next: Next) -> Respon
             next.run(req).await
         }
     };
-    if method != axum::http::Method::GET && method != axum::http::Method::HEAD {
+    // Space object requests (thousands per replication) are audited only when refused.
+    let quiet = path.starts_with(crate::space_api::OBJECTS_PATH)
+        && !matches!(response.status().as_u16(), 401 | 403);
+    if method != axum::http::Method::GET && method != axum::http::Method::HEAD && !quiet {
         let who = principal.map_or_else(|| "(unauthenticated)".to_string(), |p| p.name);
         let status = response.status().as_u16();
         let r = loc
@@ -1048,6 +1051,7 @@ pub fn router(loc: Arc<Location>) -> (Router, utoipa::openapi::OpenApi) {
         )
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(healthz))
+        .merge(crate::space_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(loc.clone(), auth_and_audit))

@@ -12,6 +12,7 @@ pub mod location;
 pub mod metrics;
 pub mod model;
 pub mod schedule;
+pub mod space_api;
 
 use std::sync::Arc;
 

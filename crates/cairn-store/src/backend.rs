@@ -8,8 +8,11 @@
 //! - [`ObjectStoreBackend`]: any `object_store` store. The local filesystem (the embedded
 //!   default; temp file, fsync, rename) and memory today; S3 is a configuration of it.
 //! - [`FaultBackend`]: a decorator that fails chosen calls, for tests.
+//! - [`HttpBackend`]: another location's space, through that location's space object
+//!   API (`/api/v1/space/objects`) with its bearer token.
 
 mod fault;
+pub mod http;
 mod object;
 
 use std::fmt;
@@ -18,6 +21,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use fault::{FaultBackend, FaultRule, Op, RequestCounts};
+pub use http::HttpBackend;
 pub use object::ObjectStoreBackend;
 
 /// Metadata of one stored object.
