@@ -153,7 +153,10 @@ async fn auth_and_audit(State(loc): App, mut req: Request, next: Next) -> Respon
         }
     };
     // Space object requests (thousands per replication) are audited only when refused.
-    let quiet = path.starts_with(crate::space_api::OBJECTS_PATH)
+    // So are a pair's status reports between locations (its transitions are in the
+    // pair's own history).
+    let quiet = (path.starts_with(crate::space_api::OBJECTS_PATH)
+        || (path.starts_with("/api/v1/pairs/") && path.ends_with("/status")))
         && !matches!(response.status().as_u16(), 401 | 403);
     if method != axum::http::Method::GET && method != axum::http::Method::HEAD && !quiet {
         let who = principal.map_or_else(|| "(unauthenticated)".to_string(), |p| p.name);
@@ -578,6 +581,7 @@ async fn update_policy(
     Body(patch): Body<PolicyPatch>,
 ) -> ApiResult<Json<Policy>> {
     need(&p, Role::Admin)?;
+    loc.not_a_pair_policy(&policy).await?;
     Ok(Json(loc.update_policy(&policy, patch).await?))
 }
 
@@ -614,6 +618,7 @@ async fn delete_policy(
             ));
         }
     };
+    loc.not_a_pair_policy(&policy).await?;
     Ok(Json(loc.delete_policy(&policy, mode, &p).await?))
 }
 
@@ -626,6 +631,7 @@ async fn pause_policy(
     Path(policy): Path<String>,
 ) -> ApiResult<Json<Policy>> {
     need(&p, Role::Admin)?;
+    loc.not_a_pair_policy(&policy).await?;
     Ok(Json(loc.set_enabled(&policy, false).await?))
 }
 
@@ -638,6 +644,7 @@ async fn resume_policy(
     Path(policy): Path<String>,
 ) -> ApiResult<Json<Policy>> {
     need(&p, Role::Admin)?;
+    loc.not_a_pair_policy(&policy).await?;
     Ok(Json(loc.set_enabled(&policy, true).await?))
 }
 
@@ -1034,6 +1041,27 @@ pub fn router(loc: Arc<Location>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(clone_point))
         .routes(routes!(rollback_point))
         .routes(routes!(audit))
+        .routes(routes!(
+            crate::pair_api::list_locations,
+            crate::pair_api::add_location
+        ))
+        .routes(routes!(crate::pair_api::remove_location))
+        .routes(routes!(
+            crate::pair_api::list_pairs,
+            crate::pair_api::create_pair
+        ))
+        .routes(routes!(crate::pair_api::register_standby))
+        .routes(routes!(crate::pair_api::get_pair))
+        .routes(routes!(crate::pair_api::pair_replicate_now))
+        .routes(routes!(crate::pair_api::pause_pair))
+        .routes(routes!(crate::pair_api::resume_pair))
+        .routes(routes!(crate::pair_api::restart_pair))
+        .routes(routes!(crate::pair_api::failover_pair))
+        .routes(routes!(crate::pair_api::drill_pair))
+        .routes(routes!(crate::pair_api::drill_cleanup))
+        .routes(routes!(crate::pair_api::pair_status))
+        .routes(routes!(crate::pair_api::reverse_pair))
+        .routes(routes!(crate::pair_api::become_standby))
         .split_for_parts();
     let doc_json = Arc::new(doc.to_pretty_json().unwrap_or_default());
     let app = api

@@ -62,6 +62,44 @@ const MIGRATIONS: &[&str] = &[
         status INTEGER NOT NULL,
         detail TEXT
     );",
+    // 2: other locations, DR pairs and their history; the space a job's points are in.
+    "ALTER TABLE jobs ADD COLUMN space TEXT NOT NULL DEFAULT 'local';
+    CREATE TABLE locations (
+        name TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        token TEXT NOT NULL,
+        space_id TEXT,
+        added_at TEXT NOT NULL,
+        added_by TEXT NOT NULL
+    );
+    CREATE TABLE pairs (
+        id TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        server TEXT NOT NULL,
+        primary_location TEXT NOT NULL,
+        standby_location TEXT NOT NULL,
+        policy_id TEXT,
+        state TEXT NOT NULL,
+        detail TEXT,
+        progress REAL,
+        restarted_at TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE pair_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        pair_id TEXT NOT NULL,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT,
+        operator TEXT NOT NULL,
+        detail TEXT,
+        job_id TEXT,
+        server TEXT,
+        cleaned_at TEXT
+    );
+    CREATE INDEX pair_events_by_pair ON pair_events(pair_id, seq);",
 ];
 
 pub fn now_text() -> String {
@@ -116,6 +154,13 @@ impl Db {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         let mut conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
+        // It holds other locations' tokens: only the daemon's user may read it (SQLite
+        // creates its -wal and -shm files with the database's mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| err(format!("cannot make it private (mode 0600): {e}")))?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| err(e.to_string()))?;
         conn.pragma_update(None, "journal_mode", "WAL")

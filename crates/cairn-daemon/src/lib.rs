@@ -11,6 +11,9 @@ pub mod error;
 pub mod location;
 pub mod metrics;
 pub mod model;
+pub mod pair_api;
+pub mod pairs;
+pub mod peer;
 pub mod schedule;
 pub mod space_api;
 

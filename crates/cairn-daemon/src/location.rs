@@ -96,6 +96,8 @@ pub struct Location {
     next_due: Mutex<HashMap<String, DateTime<Utc>>>,
     /// How late each scheduled job started (ms), for the benchmark and metrics.
     pub lateness_ms: Mutex<Vec<i64>>,
+    /// Other locations' recovery spaces, opened through their APIs, by location name.
+    pub(crate) remote_spaces: Mutex<HashMap<String, Arc<cairn_store::Space>>>,
 }
 
 fn sql_err(e: rusqlite::Error) -> DbError {
@@ -106,9 +108,9 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("serializes")
 }
 
-const JOB_COLUMNS: &str = "seq, id, policy_id, policy_name, kind, trigger, operator, state, due_at, queued_at, started_at, ended_at, duration_ms, error, skipped_for, target, resources, points, scope_digest, scope_changed, deleted";
+pub(crate) const JOB_COLUMNS: &str = "seq, id, policy_id, policy_name, kind, trigger, operator, state, due_at, queued_at, started_at, ended_at, duration_ms, error, skipped_for, target, resources, points, scope_digest, scope_changed, deleted, space";
 
-fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
+pub(crate) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
     let kind: String = r.get(4)?;
     let state: String = r.get(7)?;
     let resources: String = r.get(16)?;
@@ -146,6 +148,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
             scope_digest: r.get(18)?,
             scope_changed: r.get::<_, i64>(19)? != 0,
             deleted,
+            space: r.get(21)?,
         },
     ))
 }
@@ -191,10 +194,11 @@ impl Location {
             accepting: AtomicBool::new(true),
             next_due: Mutex::new(HashMap::new()),
             lateness_ms: Mutex::new(Vec::new()),
+            remote_spaces: Mutex::new(HashMap::new()),
         })
     }
 
-    fn now(&self) -> DateTime<Utc> {
+    pub(crate) fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
@@ -223,6 +227,20 @@ impl Location {
             )));
         }
         retention_of(&spec.retention)?;
+        Ok(schedule)
+    }
+
+    /// [`Location::validate`], and the space: `local` or a known location.
+    pub async fn validate_policy(&self, spec: &PolicySpec) -> Result<Schedule, ApiError> {
+        let mut local = spec.clone();
+        local.space = "local".into();
+        let schedule = self.validate(&local)?;
+        if spec.space != "local" && !self.is_location(&spec.space).await? {
+            return Err(ApiError::bad_request(format!(
+                "unknown recovery space {:?}: use `local` (this location's space) or the name of a location added with `cairn location add`",
+                spec.space
+            )));
+        }
         Ok(schedule)
     }
 
@@ -268,7 +286,21 @@ impl Location {
     }
 
     pub async fn create_policy(&self, spec: PolicySpec) -> Result<Policy, ApiError> {
-        self.validate(&spec)?;
+        if spec.name.starts_with("pair-") {
+            return Err(ApiError::bad_request(format!(
+                "policy names starting with pair- are reserved for DR pairs ({}); create a pair with `cairn pair create`",
+                spec.name
+            )));
+        }
+        self.validate_policy(&spec).await?;
+        self.create_policy_unchecked(spec).await
+    }
+
+    /// Creates a policy already validated (a DR pair's).
+    pub(crate) async fn create_policy_unchecked(
+        &self,
+        spec: PolicySpec,
+    ) -> Result<Policy, ApiError> {
         let id = uuid::Uuid::now_v7().to_string();
         let now = time_text(&self.now());
         let (id2, spec2, now2) = (id.clone(), spec.clone(), now.clone());
@@ -489,7 +521,7 @@ impl Location {
         if let Some(v) = patch.enabled {
             spec.enabled = v;
         }
-        self.validate(&spec)?;
+        self.validate_policy(&spec).await?;
         self.save_policy(&row.id, &spec).await?;
         self.get_policy(&row.id).await
     }
@@ -587,7 +619,7 @@ impl Location {
         self.accepting.load(Ordering::SeqCst)
     }
 
-    fn refuse_if_closing(&self) -> Result<(), ApiError> {
+    pub(crate) fn refuse_if_closing(&self) -> Result<(), ApiError> {
         if self.accepting() {
             Ok(())
         } else {
@@ -599,19 +631,19 @@ impl Location {
         }
     }
 
-    async fn insert_job(&self, job: &Job) -> Result<(), ApiError> {
+    pub(crate) async fn insert_job(&self, job: &Job) -> Result<(), ApiError> {
         let j = job.clone();
         self.db
             .call(move |c| {
                 c.execute(
-                    "INSERT INTO jobs (id, policy_id, policy_name, kind, trigger, operator, state, due_at, queued_at, started_at, ended_at, duration_ms, error, skipped_for, target, resources, points, scope_digest, scope_changed)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                    "INSERT INTO jobs (id, policy_id, policy_name, kind, trigger, operator, state, due_at, queued_at, started_at, ended_at, duration_ms, error, skipped_for, target, resources, points, scope_digest, scope_changed, space)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
                     params![
                         j.id, j.policy_id, j.policy, j.kind.as_str(), j.trigger, j.operator,
                         j.state.as_str(), j.due_at, j.queued_at, j.started_at, j.ended_at,
                         j.duration_ms.map(|d| i64::try_from(d).unwrap_or(i64::MAX)), j.error,
                         j.skipped_for, j.target, json(&j.resources), json(&j.points),
-                        j.scope_digest, i64::from(j.scope_changed)
+                        j.scope_digest, i64::from(j.scope_changed), j.space
                     ],
                 )
                 .map_err(sql_err)
@@ -620,7 +652,7 @@ impl Location {
         Ok(())
     }
 
-    fn new_job(
+    pub(crate) fn new_job(
         &self,
         policy: Option<&PolicyRow>,
         kind: JobKind,
@@ -651,6 +683,7 @@ impl Location {
             scope_changed: false,
             restorable: false,
             deleted: None,
+            space: policy.map_or_else(|| "local".to_string(), |p| p.spec.space.clone()),
         }
     }
 
@@ -726,7 +759,7 @@ impl Location {
         })
     }
 
-    async fn mark_running(&self, id: &str) -> Result<DateTime<Utc>, ApiError> {
+    pub(crate) async fn mark_running(&self, id: &str) -> Result<DateTime<Utc>, ApiError> {
         let now = self.now();
         let (id2, t) = (id.to_string(), time_text(&now));
         self.db
@@ -741,7 +774,7 @@ impl Location {
         Ok(now)
     }
 
-    async fn finish_job(
+    pub(crate) async fn finish_job(
         &self,
         id: &str,
         started: DateTime<Utc>,
@@ -789,7 +822,13 @@ impl Location {
                 .expect("poisoned")
                 .push((started - due).num_milliseconds());
         }
+        let reporter = self
+            .pair_progress_reporter(&policy.id, progress.clone())
+            .await;
         let outcome = self.replicate(&job, &policy, &progress).await;
+        if let Some(r) = reporter {
+            r.abort();
+        }
         let ok = outcome.is_ok();
         // The policy's slot is free before the record says the job ended: whoever sees
         // it ended and asks again ("replicate now" after `--wait`) is not skipped.
@@ -803,6 +842,7 @@ impl Location {
         if ok && let Err(e) = self.apply_retention(&policy).await {
             tracing::warn!("policy {}: retention: {e}", policy.spec.name);
         }
+        self.pair_after_job(&policy.id, &job).await;
     }
 
     /// Takes the points of a policy's scope. On any failure the points already taken
@@ -813,6 +853,7 @@ impl Location {
         policy: &PolicyRow,
         progress: &JobProgress,
     ) -> Result<(), String> {
+        self.pair_guard(policy).await?;
         let plan = self
             .scope_plan(&policy.spec.scope)
             .map_err(|e| format!("protection scope: {}", e.message))?;
@@ -857,7 +898,20 @@ impl Location {
             .await
             .map_err(|e| e.to_string())?;
         let _ = changed;
-        let trigger = format!("{} job {}", job.trigger, job.id);
+        let space = self
+            .space_for(&policy.spec.space)
+            .await
+            .map_err(|e| e.message)?;
+        let trigger = if let Some(pair) = policy.spec.name.strip_prefix("pair-") {
+            format!(
+                "{} {} job {}",
+                job.trigger,
+                crate::pairs::pair_mark(pair),
+                job.id
+            )
+        } else {
+            format!("{} job {}", job.trigger, job.id)
+        };
         let mut made: Vec<ServerPointRef> = Vec::new();
         let mut resources = Vec::new();
         let mut failure = None;
@@ -865,7 +919,14 @@ impl Location {
             let names: Option<Vec<String>> = disks.as_ref().map(|s| s.iter().cloned().collect());
             match self
                 .host
-                .take_point_of(server, names.as_deref(), &job.operator, &trigger, progress)
+                .take_point_into(
+                    &space,
+                    server,
+                    names.as_deref(),
+                    &job.operator,
+                    &trigger,
+                    progress,
+                )
                 .await
             {
                 Ok(sp) => {
@@ -890,11 +951,9 @@ impl Location {
             }
         }
         if let Some(f) = failure {
-            if !made.is_empty()
-                && let Ok(space) = self.host.space()
-            {
+            if !made.is_empty() {
                 let ids: Vec<PointId> = made.iter().filter_map(|p| p.point.parse().ok()).collect();
-                if let Err(e) = cairn_store::gc::delete_points(space, &ids).await {
+                if let Err(e) = cairn_store::gc::delete_points(&space, &ids).await {
                     tracing::warn!("job {}: cannot remove its partial points: {e}", job.id);
                 }
             }
@@ -981,7 +1040,7 @@ impl Location {
 
     /// A policy's restorable points (succeeded replication jobs whose data is kept),
     /// newest first.
-    async fn restorable_jobs(&self, policy_id: &str) -> Result<Vec<Job>, ApiError> {
+    pub(crate) async fn restorable_jobs(&self, policy_id: &str) -> Result<Vec<Job>, ApiError> {
         let jobs = self
             .list_jobs(&JobFilter {
                 policy: Some(policy_id.to_string()),
@@ -995,8 +1054,8 @@ impl Location {
     }
 
     /// Deletes the recovery space points of a job and marks it deleted.
-    async fn delete_job_points(&self, job: &Job, why: &str) -> Result<(), ApiError> {
-        let space = self.host.space()?.clone();
+    pub(crate) async fn delete_job_points(&self, job: &Job, why: &str) -> Result<(), ApiError> {
+        let space = self.space_for(&job.space).await?;
         let ids: Vec<PointId> = job
             .points
             .iter()
@@ -1200,6 +1259,27 @@ impl Location {
         )))
     }
 
+    /// Refuses a point that lives in another location's space.
+    fn here(&self, job: &Job, what: &str) -> Result<(), ApiError> {
+        if job.space == "local" {
+            Ok(())
+        } else {
+            Err(ApiError::conflict(format!(
+                "recovery point {} lives in the recovery space of location {}: it can be {what} only there (recovery points are cloned in the location where they are stored)",
+                job.id, job.space
+            )))
+        }
+    }
+
+    /// The id of a policy's running replication job, if any.
+    pub(crate) fn running_job_of(&self, policy_id: &str) -> Option<String> {
+        self.running
+            .lock()
+            .expect("poisoned")
+            .get(policy_id)
+            .cloned()
+    }
+
     /// The recovery space point of a job that holds `server`'s disk `disk`.
     fn server_point<'a>(
         &self,
@@ -1257,6 +1337,7 @@ impl Location {
     ) -> Result<serde_json::Value, ApiError> {
         let job = self.get_point(spec).await?;
         self.restorable(&job)?;
+        self.here(&job, "cloned")?;
         let (server, d) = cairn_volume::pool::parse_disk_spec(disk)?;
         let p = self.server_point(&job, &server, Some(&d))?;
         let (to_server, to_disk) = cairn_volume::pool::parse_disk_spec(to)?;
@@ -1291,6 +1372,7 @@ impl Location {
     ) -> Result<serde_json::Value, ApiError> {
         let job = self.get_point(spec).await?;
         self.restorable(&job)?;
+        self.here(&job, "rolled back to")?;
         let (server, only) = match (disk, server) {
             (Some(d), _) => {
                 let (s, d) = cairn_volume::pool::parse_disk_spec(d)?;
@@ -1404,7 +1486,8 @@ impl Location {
     }
 
     async fn verify(&self, targets: &[Job], progress: &JobProgress) -> Result<(), String> {
-        let space = self.host.space().map_err(|e| e.to_string())?.clone();
+        let space_name = targets.first().map_or("local", |j| j.space.as_str());
+        let space = self.space_for(space_name).await.map_err(|e| e.message)?;
         let ids: Vec<PointId> = targets
             .iter()
             .flat_map(|j| j.points.iter())
@@ -1495,9 +1578,40 @@ impl Location {
     /// aborted on shutdown) may have committed the points of the servers it had done.
     /// Call it only when no replication job is running. Returns how many were removed.
     async fn remove_orphan_points(&self) -> Result<usize, ApiError> {
-        let Ok(space) = self.host.space() else {
-            return Ok(0);
+        let mut n = match self.host.space() {
+            Ok(space) => self.remove_orphan_points_in(&space.clone()).await?,
+            Err(_) => 0,
         };
+        // Other locations' spaces the policies write to (DR pairs), if reachable now.
+        let mut remote: Vec<String> = self
+            .policy_rows()
+            .await?
+            .into_iter()
+            .map(|p| p.spec.space)
+            .filter(|s| s != "local")
+            .collect();
+        remote.sort();
+        remote.dedup();
+        for name in remote {
+            let r = async {
+                let space = self.space_for(&name).await?;
+                self.remove_orphan_points_in(&space).await
+            }
+            .await;
+            match r {
+                Ok(k) => n += k,
+                Err(e) => tracing::warn!(
+                    "points of interrupted jobs in the space of location {name} not checked: {e}"
+                ),
+            }
+        }
+        Ok(n)
+    }
+
+    async fn remove_orphan_points_in(
+        &self,
+        space: &Arc<cairn_store::Space>,
+    ) -> Result<usize, ApiError> {
         let mut by_job: HashMap<String, Vec<PointId>> = HashMap::new();
         for r in space.list_points().await? {
             if let Some((_, id)) = r.trigger.rsplit_once(" job ") {

@@ -180,6 +180,10 @@ pub enum JobKind {
     Replication,
     Verify,
     Gc,
+    /// A DR pair's failover at its standby location.
+    Failover,
+    /// A failover drill (test failover into an isolated server).
+    Drill,
 }
 
 impl JobKind {
@@ -188,6 +192,8 @@ impl JobKind {
             JobKind::Replication => "replication",
             JobKind::Verify => "verify",
             JobKind::Gc => "gc",
+            JobKind::Failover => "failover",
+            JobKind::Drill => "drill",
         }
     }
 
@@ -196,6 +202,8 @@ impl JobKind {
             "replication" => JobKind::Replication,
             "verify" => JobKind::Verify,
             "gc" => JobKind::Gc,
+            "failover" => JobKind::Failover,
+            "drill" => JobKind::Drill,
             _ => return None,
         })
     }
@@ -261,6 +269,10 @@ pub struct Job {
     pub restorable: bool,
     /// Why and when its data was deleted (retention, an operator).
     pub deleted: Option<String>,
+    /// The recovery space its points are in: `local`, or the name of the location
+    /// whose space it is.
+    #[serde(default = "local")]
+    pub space: String,
 }
 
 /// A page of a list.
@@ -268,4 +280,196 @@ pub struct Job {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+// ------------------------------------------------------------------ locations, pairs
+
+/// Another location this one knows (its API and a token of it).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocationSpec {
+    pub name: String,
+    /// Its API, e.g. `http://10.0.0.2:7070`.
+    pub url: String,
+    /// A token of that location (an operator's); stored here, never shown again.
+    pub token: String,
+}
+
+/// A known location as shown (never with its token).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RemoteLocation {
+    pub name: String,
+    pub url: String,
+    /// The id of its recovery space (checked when it was added).
+    pub space_id: Option<String>,
+    pub added_at: String,
+    pub added_by: String,
+}
+
+/// A DR pair's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PairState {
+    /// The initial full copy is running: the standby is not ready for failover.
+    StartReplication,
+    /// Healthy: the latest replication job succeeded.
+    Replicating,
+    /// Paused by an operator: nothing is copied.
+    Paused,
+    /// The latest replication job failed (the error is shown).
+    Failed,
+    /// Failed over: the server runs at the standby location.
+    FailedOver,
+}
+
+impl PairState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairState::StartReplication => "start_replication",
+            PairState::Replicating => "replicating",
+            PairState::Paused => "paused",
+            PairState::Failed => "failed",
+            PairState::FailedOver => "failed_over",
+        }
+    }
+
+    /// As the specification names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            PairState::StartReplication => "Start Replication",
+            PairState::Replicating => "Replicating",
+            PairState::Paused => "Paused",
+            PairState::Failed => "Failed",
+            PairState::FailedOver => "Failed over",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PairState> {
+        Some(match s {
+            "start_replication" => PairState::StartReplication,
+            "replicating" => PairState::Replicating,
+            "paused" => PairState::Paused,
+            "failed" => PairState::Failed,
+            "failed_over" => PairState::FailedOver,
+            _ => return None,
+        })
+    }
+}
+
+/// `POST /pairs`: protect a server of this location by a standby at another.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairSpec {
+    pub server: String,
+    pub standby_location: String,
+    /// Default: every 15 minutes.
+    #[serde(default)]
+    pub schedule: Option<ScheduleSpec>,
+    /// Default: the last 24 points and one a day for 7 days.
+    #[serde(default)]
+    pub retention: Option<RetentionSpec>,
+}
+
+/// What a primary tells its standby when it creates a pair.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyRegistration {
+    pub id: String,
+    pub server: String,
+    pub primary_location: String,
+    pub created_by: String,
+    pub restarted_at: String,
+}
+
+/// A state change one side of a pair tells the other.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairStatus {
+    pub state: PairState,
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// Of the initial copy, 0–100.
+    #[serde(default)]
+    pub progress_pct: Option<f64>,
+    pub operator: String,
+    /// When replication was (re)started from scratch.
+    #[serde(default)]
+    pub restarted_at: Option<String>,
+    /// True: a progress report only (no transition to record).
+    #[serde(default)]
+    pub progress_only: bool,
+}
+
+/// A recovery point of a pair.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PairPoint {
+    /// The recovery space point id.
+    pub id: String,
+    pub snapshot_at: String,
+    /// `name size` of each disk.
+    pub disks: Vec<Resource>,
+    /// The replication job that made it (at the primary).
+    pub job: Option<String>,
+    pub scope_changed: bool,
+}
+
+/// One entry of a pair's history.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PairEvent {
+    pub at: String,
+    /// `created`, `state`, `paused`, `resumed`, `restart`, `failover`, `drill`,
+    /// `drill_cleanup`.
+    pub kind: String,
+    pub state: Option<PairState>,
+    pub operator: String,
+    pub detail: Option<String>,
+    pub job: Option<String>,
+    /// The server a failover or drill made.
+    pub server: Option<String>,
+}
+
+/// A DR pair as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Pair {
+    pub id: String,
+    /// `primary` or `standby`: this location's side.
+    pub role: String,
+    pub server: String,
+    pub primary_location: String,
+    pub standby_location: String,
+    pub state: PairState,
+    /// The state as the specification names it ("Start Replication", …).
+    pub state_label: String,
+    /// The latest job's error, or the initial copy's progress.
+    pub detail: Option<String>,
+    pub progress_pct: Option<f64>,
+    /// The replication policy (at the primary).
+    pub policy: Option<String>,
+    pub schedule: Option<ScheduleSpec>,
+    pub last_point: Option<PairPoint>,
+    /// Age of the last point in seconds (the recovery point objective achieved now).
+    pub last_point_age_s: Option<i64>,
+    pub points: Vec<PairPoint>,
+    pub jobs: Vec<Job>,
+    pub history: Vec<PairEvent>,
+    /// Drill servers not cleaned up yet.
+    pub drills: Vec<String>,
+    pub restarted_at: String,
+    pub created_at: String,
+    pub created_by: String,
+}
+
+/// `POST /pairs/{id}/failover` and `/drill`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// `latest` (default) or a point id (or a unique prefix).
+    #[serde(default)]
+    pub point: Option<String>,
+    /// The server to create (failover: the pair's server name; drill: `<server>-drill`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Failover only: must be true.
+    #[serde(default)]
+    pub confirm: Option<bool>,
 }

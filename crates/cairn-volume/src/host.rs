@@ -296,6 +296,24 @@ impl Host {
         trigger: &str,
         progress: &dyn Progress,
     ) -> Result<ServerPoint, VolumeError> {
+        let space = self.space()?.clone();
+        self.take_point_into(&space, server, disks, operator, trigger, progress)
+            .await
+    }
+
+    /// Like [`Host::take_point_of`], into any recovery space (another location's, for a
+    /// DR pair). The changed-block map is relative to the server's latest point in
+    /// whichever space; a point into another space than the previous one reads the
+    /// whole disk (and writes only what that space lacks).
+    pub async fn take_point_into(
+        &self,
+        space: &Arc<Space>,
+        server: &str,
+        disks: Option<&[String]>,
+        operator: &str,
+        trigger: &str,
+        progress: &dyn Progress,
+    ) -> Result<ServerPoint, VolumeError> {
         let meta = self.pool.server(server)?;
         if let Some(names) = disks {
             let have = self.pool.disks(server)?;
@@ -308,7 +326,7 @@ impl Host {
             }
         }
         let wanted = |name: &str| disks.is_none_or(|d| d.iter().any(|n| n == name));
-        let space = self.space()?.clone();
+        let space = space.clone();
         let one = self
             .taking
             .lock()
@@ -339,6 +357,22 @@ impl Host {
             v.close().await?;
         }
         result
+    }
+
+    /// Forgets the changed-block maps of a server's disks: the next point of each reads
+    /// the whole disk (DR pair restart: "discard the change map").
+    pub async fn discard_change_maps(&self, server: &str) -> Result<(), VolumeError> {
+        if let Some(vols) = self.volumes(server).await {
+            for v in vols {
+                v.drop_base();
+            }
+            return Ok(());
+        }
+        let _lock = self.pool.lock_server(server, "discard change maps")?;
+        for d in self.pool.disks(server)? {
+            reset_cbt(&self.pool.disk_paths(server, &d.name), d.size, None)?;
+        }
+        Ok(())
     }
 
     /// Copies the rest of a clone now (the specification's `dd`), with progress; resumes

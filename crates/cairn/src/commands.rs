@@ -131,6 +131,29 @@ enum Command {
     /// API tokens (on the daemon's host, with its data directory).
     #[command(subcommand)]
     Token(crate::serve::TokenCommand),
+    /// Other locations this one knows: add, list, remove.
+    #[command(subcommand)]
+    Location(crate::pairs::LocationCommand),
+    /// DR pairs: a server protected by a standby at another location — create, show,
+    /// replicate-now, pause, resume, restart, failover, drill, drill-cleanup.
+    #[command(subcommand)]
+    Pair(crate::pairs::PairCommand),
+}
+
+/// For `cairn location add`, `--url` and `--token` given on the command line name the
+/// location being added; this daemon is then reached by CAIRN_URL and CAIRN_TOKEN.
+pub fn remote_creds(m: &clap::ArgMatches) -> Option<crate::pairs::RemoteCreds> {
+    let (_, loc) = m.subcommand().filter(|(n, _)| *n == "location")?;
+    let (_, add) = loc.subcommand().filter(|(n, _)| *n == "add")?;
+    let given = |id: &str| {
+        (add.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+            .then(|| add.get_one::<String>(id).cloned())
+            .flatten()
+    };
+    Some(crate::pairs::RemoteCreds {
+        url: given("url"),
+        token: given("token"),
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -385,8 +408,8 @@ impl RunArgs {
     }
 }
 
-pub async fn run(cli: Cli) -> Result<ExitCode> {
-    let conn = cli.conn;
+pub async fn run(cli: Cli, remote: Option<crate::pairs::RemoteCreds>) -> Result<ExitCode> {
+    let mut conn = cli.conn;
     match cli.command {
         Command::Space(c) => space_command(c).await,
         Command::Point(c) => point_command(c, &conn).await,
@@ -398,6 +421,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::ServeNbd(a) => crate::live::serve_nbd(a).await,
         Command::Serve(a) => crate::serve::serve(a).await,
         Command::Token(c) => crate::serve::token(c).await,
+        Command::Location(c) => {
+            let remote = remote.unwrap_or(crate::pairs::RemoteCreds {
+                url: None,
+                token: None,
+            });
+            // The flags were the other location's: this daemon is the environment's.
+            if remote.url.is_some() {
+                conn.url = std::env::var("CAIRN_URL").ok();
+            }
+            if remote.token.is_some() {
+                conn.token = std::env::var("CAIRN_TOKEN").ok();
+            }
+            crate::pairs::location_command(c, &conn, remote).await
+        }
+        Command::Pair(c) => crate::pairs::pair_command(c, &conn).await,
     }
 }
 

@@ -17,13 +17,12 @@
 mod client;
 mod commands;
 mod live;
+mod pairs;
 mod progress;
 mod remote;
 mod serve;
 
 use std::process::ExitCode;
-
-use clap::Parser;
 
 fn main() -> ExitCode {
     // Output piped into a reader that stops early (`cairn point list S | head`): end
@@ -41,7 +40,12 @@ fn main() -> ExitCode {
         }
         default_hook(info);
     }));
-    let cli = commands::Cli::parse();
+    let matches = <commands::Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <commands::Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let remote = commands::remote_creds(&matches);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(commands::run(cli, remote)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

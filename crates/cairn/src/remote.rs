@@ -196,7 +196,7 @@ pub struct PointFilter {
 
 // ---------------------------------------------------------------- helpers
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),
@@ -205,7 +205,7 @@ fn s(v: &Value) -> String {
 }
 
 /// An RFC 3339 time as `2026-11-23 06:08:04 UTC`; anything else as it is.
-fn when(v: &Value) -> String {
+pub(crate) fn when(v: &Value) -> String {
     match v.as_str() {
         Some(t) => chrono::DateTime::parse_from_rfc3339(t)
             .map(|d| crate::commands::time(&d.with_timezone(&chrono::Utc)))
@@ -214,7 +214,7 @@ fn when(v: &Value) -> String {
     }
 }
 
-fn ms(v: &Value) -> String {
+pub(crate) fn ms(v: &Value) -> String {
     match v.as_u64() {
         Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
         None => "-".into(),
@@ -253,7 +253,7 @@ fn job_of(answer: &Value) -> &Value {
     }
 }
 
-fn schedule_text(p: &Value) -> String {
+pub(crate) fn schedule_text(p: &Value) -> String {
     let sch = &p["schedule"];
     if let Some(c) = sch["cron"].as_str() {
         match sch["timezone"].as_str() {
@@ -334,7 +334,7 @@ fn print_job_end(job: &Value, json: bool) -> Result<()> {
 }
 
 /// The answer to an action that starts a job: wait for it (`--wait`) or say how to.
-async fn started_job(c: &Client, answer: &Value, wait: &WaitArgs) -> Result<ExitCode> {
+pub(crate) async fn started_job(c: &Client, answer: &Value, wait: &WaitArgs) -> Result<ExitCode> {
     let job = job_of(answer);
     let id = s(&job["id"]);
     if answer["skipped"] == true || job["state"] == "skipped" {
