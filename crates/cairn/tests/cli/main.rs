@@ -9,4 +9,5 @@ mod crash;
 mod daemon;
 mod input;
 mod live;
+mod pairs;
 mod session;
