@@ -22,7 +22,8 @@ pub struct ErrorDetail {
     /// Stable, machine-readable: bad_request, invalid_json, unknown_field,
     /// payload_too_large, unauthorized, forbidden, not_found, conflict,
     /// confirmation_required, unprocessable, space_unavailable, damaged, shutting_down,
-    /// internal.
+    /// internal; standby_not_ready, location_unreachable, location_token_refused,
+    /// location_error; already_exists, no_space, space_permission, space_error.
     pub code: String,
     pub message: String,
 }

@@ -9,7 +9,7 @@ use rusqlite::params;
 use crate::db::{DbError, parse_time};
 use crate::error::ApiError;
 use crate::location::Location;
-use crate::model::ProtectionStatus;
+use crate::model::{PairState, ProtectionStatus};
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
@@ -131,6 +131,34 @@ pub async fn render(loc: &Location) -> Result<String, ApiError> {
             esc(&p.spec.name),
             u8::from(p.status == ProtectionStatus::Late)
         );
+    }
+    let pairs: Vec<(String, String, String, String)> = loc
+        .db
+        .read(|c| {
+            let mut st = c.prepare("SELECT id, role, server, state FROM pairs ORDER BY id")?;
+            let v = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(v)
+        })
+        .await?;
+    out.push_str("# HELP cairn_pair_state State of each DR pair on this location's side (1 for its current state).\n# TYPE cairn_pair_state gauge\n");
+    for (id, role, server, state) in &pairs {
+        for s in [
+            PairState::StartReplication,
+            PairState::Replicating,
+            PairState::Paused,
+            PairState::Failed,
+            PairState::FailedOver,
+        ] {
+            let _ = writeln!(
+                out,
+                "cairn_pair_state{{pair=\"{id}\",role=\"{role}\",server=\"{}\",state=\"{}\"}} {}",
+                esc(server),
+                s.as_str(),
+                u8::from(state == s.as_str())
+            );
+        }
     }
     let nbd = cairn_nbd::stats::stats();
     let _ = writeln!(
