@@ -52,6 +52,9 @@ struct FileConfig {
     gc_interval: Option<String>,
     gc_grace: Option<String>,
     hydration: Option<bool>,
+    /// S3 credentials of an `s3://` space (else the environment's `AWS_*`).
+    s3_access_key_id: Option<String>,
+    s3_secret_access_key: Option<String>,
 }
 
 /// The effective configuration.
@@ -146,6 +149,13 @@ impl Config {
             Some(s) => duration("gc_grace", s)?,
             None => Duration::from_secs(3600),
         };
+        match (&file.s3_access_key_id, &file.s3_secret_access_key) {
+            (Some(k), Some(sk)) => cairn_store::space::configure_s3_credentials(k, sk),
+            (None, None) => {}
+            _ => anyhow::bail!(
+                "config file: give both s3_access_key_id and s3_secret_access_key, or neither (then AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY from the environment are used)"
+            ),
+        }
         Ok(Config {
             location,
             data_dir,
@@ -194,6 +204,26 @@ mod tests {
         };
         let e = Config::load(&args).unwrap_err().to_string();
         assert!(e.contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn s3_credentials_come_in_pairs() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("cairn.toml"),
+            "s3_access_key_id = \"AKIAEXAMPLE\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            data_dir: Some(d.path().to_path_buf()),
+            ..Default::default()
+        };
+        let e = Config::load(&args).unwrap_err().to_string();
+        assert!(e.contains("s3_secret_access_key"), "{e}");
+        assert!(
+            !e.contains("AKIAEXAMPLE"),
+            "a credential is never shown: {e}"
+        );
     }
 
     #[test]

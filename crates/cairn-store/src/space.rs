@@ -24,12 +24,25 @@ pub struct Space {
     config: SpaceConfig,
 }
 
+/// S3 credentials from a daemon's config file, for every `s3://` space this process
+/// opens (without them: the environment's `AWS_*`, as the AWS SDKs do).
+static S3_CREDENTIALS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Sets the S3 access key and secret used by [`open_location`] (once per process; a
+/// second call is ignored). They are never logged nor shown.
+pub fn configure_s3_credentials(access_key_id: &str, secret_access_key: &str) {
+    let _ = S3_CREDENTIALS.set((access_key_id.to_string(), secret_access_key.to_string()));
+}
+
 /// Opens the backend for a space location given by an operator: a folder path or
 /// `file://` URL (the embedded default; with `create`, a missing folder is created), or
 /// an S3-compatible store (`s3://BUCKET/PREFIX?endpoint=…&region=…`).
 pub fn open_location(location: &str, create: bool) -> Result<Arc<dyn Backend>, SpaceError> {
     if location.starts_with("s3://") {
-        return Ok(Arc::new(ObjectStoreBackend::s3(location)?));
+        let creds = S3_CREDENTIALS.get().map(|(k, s)| (k.as_str(), s.as_str()));
+        return Ok(Arc::new(ObjectStoreBackend::s3_with_credentials(
+            location, creds,
+        )?));
     }
     if location.contains("://") && !location.starts_with("file://") {
         return Err(SpaceError::NotASpace {

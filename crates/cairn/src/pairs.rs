@@ -387,15 +387,15 @@ pub async fn pair_command(cmd: PairCommand, conn: &Conn) -> Result<ExitCode> {
             done(&p, json, "resumed: replication continues incrementally")?;
         }
         PairCommand::Restart { pair, json, .. } => {
-            eprintln!(
-                "warning: deleting every recovery point of DR pair {pair} and copying everything again"
-            );
             let p = c
                 .post(
                     &path(&["pairs", &pair, "restart"]),
                     &json!({"confirm": true}),
                 )
                 .await?;
+            eprintln!(
+                "warning: every recovery point of DR pair {pair} was permanently deleted; everything is being copied again"
+            );
             done(
                 &p,
                 json,
