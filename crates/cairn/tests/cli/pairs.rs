@@ -200,60 +200,83 @@ struct Daemon {
     /// `127.0.0.1:PORT` of its NBD listener.
     nbd: String,
     log: PathBuf,
+    /// `127.0.0.1:PORT` of its API, and its `--space` (kept for a restart).
+    api: String,
+    space: Option<String>,
 }
 
 impl Daemon {
     fn start(dir: &Path, location: &str, space: Option<&str>) -> Daemon {
-        let data = dir.join(location);
-        let log = dir.join(format!("{location}.log"));
-        let (api, nbd) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
+        let mut d = Daemon {
+            child: None,
+            name: location.to_string(),
+            data: dir.join(location),
+            url: String::new(),
+            nbd: format!("127.0.0.1:{}", free_port()),
+            log: dir.join(format!("{location}.log")),
+            api: format!("127.0.0.1:{}", free_port()),
+            space: space.map(str::to_string),
+        };
+        d.url = format!("http://{}", d.api);
+        d.spawn();
+        d
+    }
+
+    /// Starts `cairn serve` (again): same data directory, ports and space; returns once
+    /// it answers /healthz.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} runs already", self.name);
+        let (location, data, api, nbd) = (
+            self.name.clone(),
+            self.data.clone(),
+            self.api.clone(),
+            self.nbd.clone(),
         );
+        let log = self.log.clone();
+        let space = self.space.clone();
         let mut c = cairn();
         for (k, _) in std::env::vars() {
             if k.starts_with("CAIRN_") || k.starts_with("AWS_") {
                 c.env_remove(k);
             }
         }
-        c.args(["serve", "--data-dir", p(&data), "--location", location])
+        c.args(["serve", "--data-dir", p(&data), "--location", &location])
             .args(["--listen", &api, "--nbd-listen", &nbd]);
-        if let Some(s) = space {
+        if let Some(s) = &space {
             c.args(["--space", s]);
         }
+        // A restart appends to the log of the first run.
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         // moto takes any credentials.
         let child = c
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("CAIRN_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log_file)
             .process_group(0)
             .spawn()
             .unwrap();
-        let mut d = Daemon {
-            child: Some(child),
-            name: location.to_string(),
-            data,
-            url: format!("http://{api}"),
-            nbd,
-            log,
-        };
+        self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             if http(&api, "GET", "/healthz", &[]).is_ok_and(|a| a.starts_with("HTTP/1.1 200")) {
-                return d;
+                return;
             }
-            if let Ok(Some(status)) = d.child.as_mut().unwrap().try_wait() {
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
                 panic!(
                     "cairn serve ({location}) exited ({status}): {}",
-                    tail(&d.log, 60)
+                    tail(&log, 60)
                 );
             }
             assert!(
                 Instant::now() < until,
                 "cairn serve ({location}) did not answer /healthz: {}",
-                tail(&d.log, 60)
+                tail(&log, 60)
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1273,4 +1296,374 @@ fn pause_resume_nothing_copied_while_paused() {
         history.iter().any(|k| k == "paused") && history.iter().any(|k| k == "resumed"),
         "{after:#}"
     );
+}
+
+// ---------------------------------------------------------------- failback, layout
+
+/// A file of `len` random (incompressible) bytes, to write with `qemu-io -c 'write -s'`.
+fn random_file(dir: &Path, name: &str, seed: u64, len: u64) -> PathBuf {
+    let f = dir.join(name);
+    std::fs::write(&f, noise(seed, len as usize)).unwrap();
+    f
+}
+
+/// `qemu-io -c 'write -s FILE OFF LEN'`: the file's first LEN bytes at OFF.
+#[track_caller]
+fn write_file(url: &str, file: &Path, off: &str, len: &str) {
+    qemu_io(url, &format!("write -s {} {off} {len}", p(file)));
+}
+
+fn is_running(sh: &Shell, server: &str) -> bool {
+    sh.json(&["server", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == server && v["state"] == "running")
+}
+
+/// The first replication job of a pair's (current) policy, from `pair show --json`
+/// (jobs newest first), and its totals: (bytes_written, bytes_changed, size covered).
+#[track_caller]
+fn first_replication(pair: &Value) -> (Value, u64, u64, u64) {
+    let job = pair["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|j| j["kind"] == "replication")
+        .unwrap_or_else(|| panic!("no replication job: {pair:#}"))
+        .clone();
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let res = job["resources"].as_array().expect("resources");
+    let sum = |k: &str| res.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    let (w, c, size) = (sum("bytes_written"), sum("bytes_changed"), sum("size"));
+    (job, w, c, size)
+}
+
+/// `cairn pair replicate-now PAIR --wait` at a location whose pair's standby failed
+/// over: refused (by the pair's state, or by the split-brain guard in the job). A
+/// replicate-now skipped for a scheduled job is asked again once that job ended.
+#[track_caller]
+fn replicate_refused(sh: &Shell, pair: &str) -> String {
+    for _ in 0..10 {
+        let r = sh.run(&["pair", "replicate-now", pair, "--wait"]);
+        if r.code == 0 && r.stdout.contains("skipped") {
+            eprintln!("replicate-now skipped: {}", r.stdout.trim());
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        assert_eq!(
+            r.code, 1,
+            "replicate-now at {} should fail:\n{}\n{}",
+            sh.url, r.stdout, r.stderr
+        );
+        eprintln!(
+            "cairn pair replicate-now {pair} --wait: {}",
+            r.stderr.trim()
+        );
+        return r.stderr;
+    }
+    panic!("replicate-now of DR pair {pair} was skipped ten times");
+}
+
+#[test]
+fn failback_round_trip_sends_only_what_changed() {
+    let Some(mut s) = Sites::start() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let (at_ams, at_fra) = (s.ams.shell(&s.at_ams.token), s.fra.shell(&s.at_fra.token));
+    let (root, data) = (s.ams.nbd_url("web/root"), s.ams.nbd_url("web/data"));
+    let (fra_root, fra_data) = (s.fra.nbd_url("web/root"), s.fra.nbd_url("web/data"));
+
+    // At ams: 80 MiB of data that does not compress on two disks, replicated to fra.
+    s.web(&[("root", "256MiB"), ("data", "128MiB")], None);
+    let random_root = random_file(&s.dir, "random-root", 101, 64 * MIB);
+    let random_data = random_file(&s.dir, "random-data", 102, 16 * MIB);
+    write_file(&root, &random_root, "0", "64M");
+    write_file(&data, &random_data, "0", "16M");
+    let on_disks = 80 * MIB;
+    let pair = s.create_pair(&["--schedule", "*/5 * * * *"]);
+    let initial = at_ams.wait_state(&pair, "replicating", 120);
+    let (_, w0, c0, _) = first_replication(&initial);
+    eprintln!("initial copy ams → fra: {w0} bytes written, {c0} bytes changed");
+    assert!(w0 >= on_disks, "the initial copy wrote only {w0} bytes");
+    at_ams.replicate(&pair);
+    at_fra.wait_state(&pair, "replicating", 30);
+
+    // ams is gone; fra fails over and its server is written to.
+    s.ams.kill9();
+    let out = at_fra.ok(&["pair", "failover", &pair, "--yes"]);
+    eprintln!("{}", out.trim());
+    assert!(out.starts_with("failed over: server web "), "{out}");
+    let since_failover = random_file(&s.dir, "random-fra", 103, 2 * MIB);
+    write_file(&fra_root, &since_failover, "100M", "2M");
+
+    // ams comes back (same data directory, same ports), still the primary by its own
+    // records: its next job is stopped by the split-brain guard.
+    s.ams.spawn();
+    let back = at_ams.pair(&pair);
+    assert_eq!(back["role"], "primary", "{back:#}");
+    assert_eq!(back["standby_location"], "fra", "{back:#}");
+    eprintln!(
+        "ams after its restart: {} ({})",
+        back["state_label"], back["detail"]
+    );
+    let err = replicate_refused(&at_ams, &pair);
+    assert!(err.contains("failed over"), "{err}");
+    let stopped = at_ams.pair(&pair);
+    assert_eq!(stopped["state"], "failed_over", "{stopped:#}");
+    assert_eq!(stopped["role"], "primary", "{stopped:#}");
+    // The stale server at ams is stopped before the reversal.
+    if is_running(&at_ams, "web") {
+        eprintln!("ams re-exported web after its restart; stopping it");
+        at_ams.ok(&["server", "stop", "web"]);
+    }
+    assert!(!is_running(&at_ams, "web"));
+
+    // Failback, step 1, at fra: reverse.
+    let ams_link = s.ams.token("fra-link", "operator");
+    let added = at_fra.ok(&[
+        "location", "add", "ams", "--url", &s.ams.url, "--token", &ams_link,
+    ]);
+    assert!(added.contains("added location ams"), "{added}");
+    let err = at_fra.fails(&["pair", "reverse", &pair], 4);
+    assert!(
+        err.contains("--yes") && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    let same = at_fra.pair(&pair);
+    assert_eq!(same["role"], "standby", "{same:#}");
+    assert_eq!(same["state"], "failed_over", "{same:#}");
+    let out = at_fra.ok(&["pair", "reverse", &pair, "--yes"]);
+    eprintln!("{}", out.trim());
+    assert!(
+        out.contains("reversed: fra is now the primary, ams the standby"),
+        "{out}"
+    );
+    let reversed = at_fra.pair(&pair);
+    assert_eq!(reversed["role"], "primary", "{reversed:#}");
+    assert_eq!(reversed["primary_location"], "fra", "{reversed:#}");
+    assert_eq!(reversed["standby_location"], "ams", "{reversed:#}");
+    let reversed = at_fra.wait_state(&pair, "replicating", 120);
+    let standby = at_ams.wait_state(&pair, "replicating", 30);
+    assert_eq!(standby["role"], "standby", "{standby:#}");
+    assert_eq!(standby["primary_location"], "fra", "{standby:#}");
+    for side in [&reversed, &standby] {
+        assert!(
+            kinds(&side["history"]).iter().any(|k| k == "reversed"),
+            "{side:#}"
+        );
+    }
+    // What crossed from fra to ams: the 2 MiB written since the failover (one 4 MiB
+    // chunk of root), not the 80 MiB on the disks.
+    let (job, written, changed, covered) = first_replication(&reversed);
+    eprintln!(
+        "MEASURED failback fra → ams (job {}): bytes_written {written} ({:.2} MiB), bytes_changed {changed} ({:.2} MiB), disks {covered} bytes with {on_disks} bytes of random data",
+        job["id"],
+        written as f64 / MIB as f64,
+        changed as f64 / MIB as f64
+    );
+    assert_eq!(covered, 384 * MIB, "{job:#}");
+    assert!(
+        written < 8 * MIB,
+        "the reversed pair's first job wrote {written} bytes: {job:#}"
+    );
+
+    // Failback, step 2: planned failover back. fra's final bytes, then its server
+    // stopped and a last point of it.
+    let copies = s.dir.join("copies");
+    std::fs::create_dir_all(&copies).unwrap();
+    copy_disk(&fra_root, &copies.join("root.raw"));
+    copy_disk(&fra_data, &copies.join("data.raw"));
+    at_fra.ok(&["server", "stop", "web"]);
+    let last = at_fra.replicate(&pair);
+    let last_point = point_of(&last);
+    at_ams.wait_state(&pair, "replicating", 30);
+    let r = at_ams.run(&["pair", "failover", &pair, "--yes"]);
+    assert_eq!(r.code, 0, "failover back: {}{}", r.stdout, r.stderr);
+    eprintln!("{}", r.stdout.trim());
+    assert!(
+        r.stdout.starts_with("failed over: server web ")
+            && r.stdout.contains(&last_point)
+            && r.stdout.contains("rolled back")
+            && !r.stdout.contains("hydrate in the background"),
+        "{}",
+        r.stdout
+    );
+    same_as(&copies.join("root.raw"), &root);
+    same_as(&copies.join("data.raw"), &data);
+    let over = at_ams.pair(&pair);
+    assert_eq!(over["state"], "failed_over", "{over:#}");
+    at_fra.wait_state(&pair, "failed_over", 30);
+
+    // Failback, step 3, at ams (which knows fra): the original direction again.
+    let out = at_ams.ok(&["pair", "reverse", &pair, "--yes"]);
+    eprintln!("{}", out.trim());
+    let again = at_ams.pair(&pair);
+    assert_eq!(again["role"], "primary", "{again:#}");
+    assert_eq!(again["standby_location"], "fra", "{again:#}");
+    let again = at_ams.wait_state(&pair, "replicating", 120);
+    let standby = at_fra.wait_state(&pair, "replicating", 30);
+    assert_eq!(standby["role"], "standby", "{standby:#}");
+    assert_eq!(standby["primary_location"], "ams", "{standby:#}");
+    let (job, written, changed, covered) = first_replication(&again);
+    eprintln!(
+        "MEASURED back to ams → fra (job {}): bytes_written {written} ({:.2} MiB), bytes_changed {changed} ({:.2} MiB), disks {covered} bytes",
+        job["id"],
+        written as f64 / MIB as f64,
+        changed as f64 / MIB as f64
+    );
+    assert_eq!(covered, 384 * MIB, "{job:#}");
+    assert!(
+        written < 8 * MIB,
+        "the pair's first job after the second reversal wrote {written} bytes: {job:#}"
+    );
+    // ams serves what fra held last, and goes on replicating; the point fra got for
+    // (next to) nothing holds all of it: a drill there has exactly those bytes.
+    same_as(&copies.join("root.raw"), &root);
+    let latest = point_of(&at_ams.replicate(&pair));
+    at_fra.wait_state(&pair, "replicating", 30);
+    let r = at_fra.run(&["pair", "drill", &pair]);
+    assert_eq!(r.code, 0, "drill: {}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.starts_with("drill: server web-drill ") && r.stdout.contains(&latest),
+        "{}",
+        r.stdout
+    );
+    same_as(&copies.join("root.raw"), &s.fra.nbd_url("web-drill/root"));
+    same_as(&copies.join("data.raw"), &s.fra.nbd_url("web-drill/data"));
+    at_fra.ok(&["pair", "drill-cleanup", &pair]);
+    eprintln!("failback round trip: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn layout_change_is_picked_up_by_the_standby() {
+    let Some(s) = Sites::start() else {
+        return;
+    };
+    let (at_ams, at_fra) = (&s.at_ams, &s.at_fra);
+    let (root, data, logs) = (
+        s.ams.nbd_url("web/root"),
+        s.ams.nbd_url("web/data"),
+        s.ams.nbd_url("web/logs"),
+    );
+    s.web(&[("root", "64MiB"), ("data", "128MiB")], None);
+    qemu_io(&root, "write -P 0x21 0 4M");
+    qemu_io(&data, "write -P 0x22 0 4M");
+    let pair = s.create_pair(&NEVER_DURING_THE_TEST);
+    at_ams.wait_state(&pair, "replicating", 120);
+    at_ams.replicate(&pair);
+
+    // The layout changes at ams: data grown, a disk added.
+    at_ams.ok(&["server", "stop", "web"]);
+    at_ams.ok(&["disk", "grow", "web/data", "--size", "192MiB"]);
+    at_ams.ok(&["disk", "create", "web/logs", "--size", "64MiB"]);
+    let started = at_ams.ok(&["server", "start", "web"]);
+    assert!(started.contains(&logs), "{started}");
+    qemu_io(&logs, "write -P 0x6c 1M 3M");
+    qemu_io(&data, "write -P 0x23 160M 1M");
+    let job = at_ams.replicate(&pair);
+    let id = point_of(&job);
+
+    let shown = at_ams.pair(&pair);
+    let points = shown["points"].as_array().unwrap();
+    assert!(points.len() >= 3, "{shown:#}");
+    assert_eq!(points[0]["id"], id.as_str(), "{shown:#}");
+    assert_eq!(points[0]["scope_changed"], true, "{shown:#}");
+    for p in &points[1..] {
+        assert_eq!(p["scope_changed"], false, "{shown:#}");
+    }
+    let sizes: Vec<(String, u64)> = points[0]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["disk"].as_str().unwrap().to_string(),
+                d["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for want in [
+        ("web/root", 64 * MIB),
+        ("web/data", 192 * MIB),
+        ("web/logs", 64 * MIB),
+    ] {
+        assert!(
+            sizes.contains(&(want.0.to_string(), want.1)),
+            "{want:?} not in {sizes:?}"
+        );
+    }
+
+    // A drill at fra of the latest point has the new layout.
+    let standby = at_fra.wait_state(&pair, "replicating", 30);
+    assert_eq!(point_ids(&standby)[0], id, "{standby:#}");
+    let r = at_fra.run(&["pair", "drill", &pair]);
+    assert_eq!(r.code, 0, "drill: {}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.starts_with("drill: server web-drill ") && r.stdout.contains(&id),
+        "{}",
+        r.stdout
+    );
+    for disk in ["root", "data", "logs"] {
+        assert!(
+            r.stdout
+                .contains(&s.fra.nbd_url(&format!("web-drill/{disk}"))),
+            "{}",
+            r.stdout
+        );
+    }
+    let disks = at_fra.json(&["disk", "list", "web-drill", "--json"]);
+    let mut found: Vec<(String, u64)> = disks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let n = d["name"].as_str().or(d["disk"].as_str()).unwrap();
+            (
+                n.rsplit('/').next().unwrap().to_string(),
+                d["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("data".to_string(), 192 * MIB),
+            ("logs".to_string(), 64 * MIB),
+            ("root".to_string(), 64 * MIB),
+        ],
+        "{disks:#}"
+    );
+    let drill = |d: &str| s.fra.nbd_url(&format!("web-drill/{d}"));
+    qemu_io(&drill("logs"), "read -P 0x6c 1M 3M");
+    qemu_io(&drill("logs"), "read -P 0 0 1M");
+    qemu_io(&drill("data"), "read -P 0x23 160M 1M");
+    qemu_io(&drill("data"), "read -P 0x22 0 4M");
+    qemu_io(&drill("data"), "read -P 0 161M 31M");
+    qemu_io(&drill("root"), "read -P 0x21 0 4M");
+    // ... and is the same as ams's disks.
+    for d in ["root", "data", "logs"] {
+        let (ok, text) = qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &s.ams.nbd_url(&format!("web/{d}")),
+            &drill(d),
+        ]);
+        assert!(
+            ok,
+            "qemu-img compare web/{d} (ams) with fra's drill: {text}"
+        );
+    }
+
+    let cleaned = at_fra.ok(&["pair", "drill-cleanup", &pair]);
+    assert!(cleaned.contains("drill servers removed"), "{cleaned}");
+    let servers = at_fra.json(&["server", "list", "--json"]);
+    assert_eq!(servers, serde_json::json!([]), "{servers:#}");
+    assert_eq!(at_fra.pair(&pair)["state"], "replicating");
 }
