@@ -1051,7 +1051,11 @@ pub fn router(loc: Arc<Location>) -> (Router, utoipa::openapi::OpenApi) {
             crate::pair_api::create_pair
         ))
         .routes(routes!(crate::pair_api::register_standby))
-        .routes(routes!(crate::pair_api::get_pair))
+        .routes(routes!(
+            crate::pair_api::get_pair,
+            crate::pair_api::delete_pair
+        ))
+        .routes(routes!(crate::pair_api::forget_pair))
         .routes(routes!(crate::pair_api::pair_replicate_now))
         .routes(routes!(crate::pair_api::pause_pair))
         .routes(routes!(crate::pair_api::resume_pair))

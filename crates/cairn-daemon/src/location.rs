@@ -569,7 +569,7 @@ impl Location {
         let mut deleted_points = 0usize;
         if points == PointsOnDelete::Delete {
             let live = self.restorable_jobs(&row.id).await?;
-            let space = self.host.space()?.clone();
+            let space = self.space_for(&row.spec.space).await?;
             // Refuse before deleting anything when a clone depends on one of them.
             for j in &live {
                 for p in &j.points {
@@ -942,6 +942,7 @@ impl Location {
                         server: server.clone(),
                         point: sp.record.id.to_string(),
                         disks: sp.record.disks.iter().map(|d| d.name.clone()).collect(),
+                        snapshot_at: Some(time_text(&sp.record.snapshot_at)),
                     });
                 }
                 Err(e) => {

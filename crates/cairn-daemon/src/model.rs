@@ -227,6 +227,9 @@ pub struct ServerPointRef {
     pub server: String,
     pub point: String,
     pub disks: Vec<String>,
+    /// The instant the point's content is of (the freeze), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

@@ -255,3 +255,52 @@ pub async fn become_standby(
     need(&p, Role::Operator)?;
     Ok(Json(loc.become_standby(&pair, b, &p).await?))
 }
+
+/// `DELETE /pairs/{pair}?points=keep|delete` (`points` is required).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeletePairQuery {
+    pub points: Option<String>,
+}
+
+#[utoipa::path(delete, path = "/api/v1/pairs/{pair}", tag = "pairs",
+    params(("pair" = String, Path), DeletePairQuery),
+    responses((status = 200, body = serde_json::Value), (status = "4XX", body = ErrorBody)))]
+pub async fn delete_pair(
+    State(loc): App,
+    Extension(p): Extension<Principal>,
+    Path(pair): Path<String>,
+    crate::api::Q(q): crate::api::Q<DeletePairQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    need(&p, Role::Admin)?;
+    let delete = match q.points.as_deref() {
+        Some("keep") => false,
+        Some("delete") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "points={other}: use points=keep or points=delete"
+            )));
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "confirmation_required",
+                "say what to do with the pair's recovery points: points=keep or points=delete (delete is permanent)",
+            ));
+        }
+    };
+    Ok(Json(loc.delete_pair(&pair, delete, &p).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/pairs/{pair}/forget", tag = "pairs",
+    params(("pair" = String, Path)),
+    responses((status = 204), (status = "4XX", body = ErrorBody)))]
+pub async fn forget_pair(
+    State(loc): App,
+    Extension(p): Extension<Principal>,
+    Path(pair): Path<String>,
+) -> ApiResult<StatusCode> {
+    need(&p, Role::Operator)?;
+    loc.forget_pair(&pair).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1277,6 +1277,7 @@ impl Location {
             server: name.clone(),
             point: point.id.to_string(),
             disks: point.disks.iter().map(|d| d.name.clone()).collect(),
+            snapshot_at: Some(time_text(&point.snapshot_at)),
         }];
         let (jid, res, pts) = (
             job.id.clone(),
@@ -1550,7 +1551,11 @@ impl Location {
                     let p = j.points.iter().find(|p| p.server == row.server)?;
                     Some(PairPoint {
                         id: p.point.clone(),
-                        snapshot_at: j.started_at.clone().unwrap_or_default(),
+                        snapshot_at: p
+                            .snapshot_at
+                            .clone()
+                            .or_else(|| j.started_at.clone())
+                            .unwrap_or_default(),
                         disks: j.resources.clone(),
                         job: Some(j.id.clone()),
                         scope_changed: j.scope_changed,
@@ -1928,4 +1933,117 @@ pub struct BecomeStandby {
     pub server: String,
     pub operator: String,
     pub restarted_at: String,
+}
+
+// ---------------------------------------------------------------- deleting a pair
+
+impl Location {
+    /// Deletes a DR pair. At the primary: its policy (the job records stay as history),
+    /// its points in the standby's space if `delete_points`, and the standby's copy of
+    /// the pair (if the standby answers). At the standby: only this side (after a
+    /// failover, or with the primary gone); the points stay unless `delete_points`.
+    pub async fn delete_pair(
+        &self,
+        id: &str,
+        delete_points: bool,
+        who: &Principal,
+    ) -> Result<serde_json::Value, ApiError> {
+        let row = self.pair_row(id).await?;
+        let mut deleted = 0usize;
+        let mut standby_told = None;
+        if row.role == "primary" {
+            if let Some(pid) = &row.policy_id
+                && let Ok(policy) = self.policy_row(pid).await
+            {
+                let mode = if delete_points {
+                    crate::location::PointsOnDelete::Delete
+                } else {
+                    crate::location::PointsOnDelete::Keep
+                };
+                let out = self.delete_policy(&policy.id, mode, who).await?;
+                deleted = usize::try_from(out["points_deleted"].as_u64().unwrap_or(0)).unwrap_or(0);
+            }
+            if let Ok(peer) = self.peer(&row.standby_location).await {
+                let r: Result<serde_json::Value, _> = peer
+                    .post(
+                        &format!("/api/v1/pairs/{}/forget", row.id),
+                        &serde_json::json!({}),
+                    )
+                    .await;
+                standby_told = Some(match r {
+                    Ok(_) => "the standby forgot it".to_string(),
+                    Err(e) => format!(
+                        "the standby was not told ({}): delete it there too",
+                        e.message
+                    ),
+                });
+            }
+        } else {
+            if delete_points {
+                let points = self.standby_points(&row).await?;
+                let space = self.host.space()?.clone();
+                for p in &points {
+                    let pins = cairn_store::pins::pins_of(&space, &p.id).await?;
+                    if !pins.is_empty() {
+                        return Err(ApiError::conflict(format!(
+                            "point {} of DR pair {} is still read by clone {}; hydrate or delete it first, or keep the points",
+                            p.id,
+                            row.id,
+                            pins.iter()
+                                .map(|x| x.holder.clone())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                }
+                let ids: Vec<PointId> = points.iter().map(|p| p.id).collect();
+                cairn_store::gc::delete_points(&space, &ids).await?;
+                deleted = ids.len();
+            }
+            if let Ok(space) = self.host.space() {
+                let _ = space.backend().delete(&pair_key(&row.id)).await;
+            }
+        }
+        let pid = row.id.clone();
+        self.db
+            .call(move |c| {
+                c.execute("DELETE FROM pair_events WHERE pair_id = ?1", params![pid])?;
+                c.execute("DELETE FROM pairs WHERE id = ?1", params![pid])?;
+                Ok(())
+            })
+            .await?;
+        Ok(serde_json::json!({
+            "pair": row.id,
+            "role": row.role,
+            "deleted_points": deleted,
+            "standby": standby_told,
+        }))
+    }
+
+    /// The primary deleted the pair: the standby forgets it (its points stay in the
+    /// space, deletable with `cairn point`-level tools or by deleting them at the
+    /// primary first). Refused after a failover: then the pair is this side's to keep.
+    pub async fn forget_pair(&self, id: &str) -> Result<(), ApiError> {
+        let row = self.pair_row(id).await?;
+        if row.role != "standby" || row.state == PairState::FailedOver {
+            return Err(ApiError::conflict(format!(
+                "DR pair {} is {} here ({}): delete it here with `cairn pair delete`",
+                row.id,
+                row.role,
+                row.state.label()
+            )));
+        }
+        let pid = row.id.clone();
+        self.db
+            .call(move |c| {
+                c.execute("DELETE FROM pair_events WHERE pair_id = ?1", params![pid])?;
+                c.execute("DELETE FROM pairs WHERE id = ?1", params![pid])?;
+                Ok(())
+            })
+            .await?;
+        if let Ok(space) = self.host.space() {
+            let _ = space.backend().delete(&pair_key(&row.id)).await;
+        }
+        Ok(())
+    }
 }

@@ -142,6 +142,19 @@ pub enum PairCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Delete a DR pair (at the primary: its policy, and the standby's copy; at the
+    /// standby: this side only). Say what happens to its recovery points.
+    Delete {
+        pair: String,
+        /// Its recovery points stay (restorable from the space).
+        #[arg(long, conflicts_with = "delete_points")]
+        keep_points: bool,
+        /// Its recovery points are permanently deleted.
+        #[arg(long)]
+        delete_points: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove the servers of a pair's drills (at the standby).
     DrillCleanup {
         pair: String,
@@ -248,8 +261,45 @@ pub async fn pair_command(cmd: PairCommand, conn: &Conn) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(4));
     }
+    if let PairCommand::Delete {
+        pair,
+        keep_points: false,
+        delete_points: false,
+        ..
+    } = &cmd
+    {
+        eprintln!(
+            "error: deleting DR pair {pair}: say what happens to its recovery points: --keep-points (they stay in the standby's space) or --delete-points (permanently deleted). Nothing was changed."
+        );
+        return Ok(ExitCode::from(4));
+    }
     let c = Client::new(conn)?;
     match cmd {
+        PairCommand::Delete {
+            pair,
+            delete_points,
+            json,
+            ..
+        } => {
+            let mode = if delete_points { "delete" } else { "keep" };
+            let ans = c
+                .delete(&format!("{}?points={mode}", path(&["pairs", &pair])))
+                .await?;
+            if json {
+                print_json(&ans)?;
+            } else {
+                println!(
+                    "DR pair {} deleted ({} side); {} recovery point(s) deleted{}",
+                    s(&ans["pair"]),
+                    s(&ans["role"]),
+                    s(&ans["deleted_points"]),
+                    ans["standby"]
+                        .as_str()
+                        .map(|t| format!("; {t}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
         PairCommand::Reverse {
             pair,
             schedule,
