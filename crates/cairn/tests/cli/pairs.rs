@@ -1667,3 +1667,45 @@ fn layout_change_is_picked_up_by_the_standby() {
     assert_eq!(servers, serde_json::json!([]), "{servers:#}");
     assert_eq!(at_fra.pair(&pair)["state"], "replicating");
 }
+
+#[test]
+fn pair_delete_keeps_or_deletes_points_and_both_sides_forget() {
+    let Some(s) = Sites::start() else {
+        return;
+    };
+    let (at_ams, at_fra) = (&s.at_ams, &s.at_fra);
+    s.web(&[("root", "64MiB")], None);
+    qemu_io(&s.ams.nbd_url("web/root"), "write -P 0x5a 0 1M");
+    let pair = s.create_pair(&NEVER_DURING_THE_TEST);
+    at_ams.wait_state(&pair, "replicating", 60);
+    at_fra.wait_state(&pair, "replicating", 60);
+    let before = s.moto.keys("fra/points/");
+    assert!(!before.is_empty(), "the pair's point is in the bucket");
+
+    // The pair's policy is the pair's: policy commands are refused.
+    let err = at_ams.fails(&["policy", "pause", &format!("pair-{pair}")], 1);
+    assert!(err.contains("belongs to DR pair"), "{err}");
+    // Without saying what happens to the points: nothing is done (exit 4).
+    let err = at_ams.fails(&["pair", "delete", &pair], 4);
+    assert!(err.contains("--keep-points"), "{err}");
+    assert_eq!(at_ams.pair(&pair)["state"], "replicating");
+
+    let out = at_ams.ok(&["pair", "delete", &pair, "--delete-points"]);
+    assert!(
+        out.contains("deleted") && out.contains("the standby forgot it"),
+        "{out}"
+    );
+    let listed = at_ams.json(&["pair", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let listed = at_fra.json(&["pair", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let policies = at_ams.json(&["policy", "list", "--json"]);
+    assert_eq!(policies.as_array().map(Vec::len), Some(0), "{policies}");
+    let after = s.moto.keys("fra/points/");
+    assert!(
+        before.iter().all(|k| !after.contains(k)),
+        "the pair's points are gone from S3: {after:?}"
+    );
+    let err = at_ams.fails(&["pair", "show", &pair], 1);
+    assert!(err.contains("no DR pair"), "{err}");
+}
