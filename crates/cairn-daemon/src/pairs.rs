@@ -2000,18 +2000,8 @@ impl Location {
                 cairn_store::gc::delete_points(&space, &ids).await?;
                 deleted = ids.len();
             }
-            if let Ok(space) = self.host.space() {
-                let _ = space.backend().delete(&pair_key(&row.id)).await;
-            }
         }
-        let pid = row.id.clone();
-        self.db
-            .call(move |c| {
-                c.execute("DELETE FROM pair_events WHERE pair_id = ?1", params![pid])?;
-                c.execute("DELETE FROM pairs WHERE id = ?1", params![pid])?;
-                Ok(())
-            })
-            .await?;
+        self.remove_pair_row(&row).await?;
         Ok(serde_json::json!({
             "pair": row.id,
             "role": row.role,
@@ -2033,6 +2023,12 @@ impl Location {
                 row.state.label()
             )));
         }
+        self.remove_pair_row(&row).await
+    }
+
+    /// Removes a pair's rows and history here, and (at its standby) its record in the
+    /// space.
+    async fn remove_pair_row(&self, row: &PairRow) -> Result<(), ApiError> {
         let pid = row.id.clone();
         self.db
             .call(move |c| {
@@ -2041,7 +2037,9 @@ impl Location {
                 Ok(())
             })
             .await?;
-        if let Ok(space) = self.host.space() {
+        if row.role == "standby"
+            && let Ok(space) = self.host.space()
+        {
             let _ = space.backend().delete(&pair_key(&row.id)).await;
         }
         Ok(())
