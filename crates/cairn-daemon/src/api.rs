@@ -611,9 +611,7 @@ async fn delete_policy(
             )));
         }
         None => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "confirmation_required",
+            return Err(ApiError::confirmation_required(
                 "say what to do with the policy's recovery points: points=keep or points=delete (delete is permanent)",
             ));
         }
@@ -855,9 +853,7 @@ async fn rollback_point(
 ) -> ApiResult<Json<serde_json::Value>> {
     need(&p, Role::Admin)?;
     if b.confirm != Some(true) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "confirmation_required",
+        return Err(ApiError::confirmation_required(
             "rollback overwrites the disk with the point's content and cannot be undone: send \"confirm\": true",
         ));
     }

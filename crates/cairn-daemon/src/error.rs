@@ -51,6 +51,10 @@ impl ApiError {
     pub fn forbidden(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", m)
     }
+    /// Nothing was done: the request must say `"confirm": true` (or choose).
+    pub fn confirmation_required(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "confirmation_required", m)
+    }
     pub fn internal(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
     }

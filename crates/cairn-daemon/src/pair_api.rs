@@ -128,13 +128,9 @@ pub async fn restart_pair(
 ) -> ApiResult<Json<Pair>> {
     need(&p, Role::Admin)?;
     if b.confirm != Some(true) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "confirmation_required",
-            format!(
-                "Restart Replication permanently deletes every recovery point of DR pair {pair} and copies the whole server again: send \"confirm\": true (CLI: --yes)"
-            ),
-        ));
+        return Err(ApiError::confirmation_required(format!(
+            "Restart Replication permanently deletes every recovery point of DR pair {pair} and copies the whole server again: send \"confirm\": true (CLI: --yes)"
+        )));
     }
     Ok(Json(loc.restart_pair(&pair, &p).await?))
 }
@@ -232,13 +228,9 @@ pub async fn reverse_pair(
 ) -> ApiResult<Json<Pair>> {
     need(&p, Role::Admin)?;
     if b.confirm != Some(true) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "confirmation_required",
-            format!(
-                "reversing DR pair {pair} makes this location the primary and the old primary the standby: its server there is overwritten by the next failover back; send \"confirm\": true (CLI: --yes)"
-            ),
-        ));
+        return Err(ApiError::confirmation_required(format!(
+            "reversing DR pair {pair} makes this location the primary and the old primary the standby: its server there is overwritten by the next failover back; send \"confirm\": true (CLI: --yes)"
+        )));
     }
     Ok(Json(loc.reverse_pair(&pair, b.schedule, &p).await?))
 }
@@ -282,9 +274,7 @@ pub async fn delete_pair(
             )));
         }
         None => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "confirmation_required",
+            return Err(ApiError::confirmation_required(
                 "say what to do with the pair's recovery points: points=keep or points=delete (delete is permanent)",
             ));
         }

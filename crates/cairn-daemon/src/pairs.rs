@@ -74,6 +74,19 @@ pub fn pair_mark(id: &str) -> String {
     format!("(pair {id})")
 }
 
+/// Records the initial copy's progress of a pair (either side).
+async fn set_progress(db: &crate::db::Db, id: &str, pct: Option<f64>) -> Result<(), DbError> {
+    let id = id.to_string();
+    db.call(move |c| {
+        c.execute(
+            "UPDATE pairs SET progress = ?2 WHERE id = ?1",
+            params![id, pct],
+        )?;
+        Ok(())
+    })
+    .await
+}
+
 fn new_pair_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
@@ -847,16 +860,7 @@ impl Location {
                 } else {
                     (p.done as f64 * 100.0 / p.total as f64).min(99.9)
                 };
-                let (id, pct2) = (row.id.clone(), pct);
-                let _ = db
-                    .call(move |c| {
-                        c.execute(
-                            "UPDATE pairs SET progress = ?2 WHERE id = ?1",
-                            params![id, pct2],
-                        )?;
-                        Ok(())
-                    })
-                    .await;
+                let _ = set_progress(&db, &row.id, Some(pct)).await;
                 let status = PairStatus {
                     state: PairState::StartReplication,
                     detail: None,
@@ -964,16 +968,7 @@ impl Location {
             )));
         }
         if st.progress_only {
-            let (id, pct) = (row.id.clone(), st.progress_pct);
-            self.db
-                .call(move |c| {
-                    c.execute(
-                        "UPDATE pairs SET progress = ?2 WHERE id = ?1",
-                        params![id, pct],
-                    )?;
-                    Ok(())
-                })
-                .await?;
+            set_progress(&self.db, &row.id, st.progress_pct).await?;
             return Ok(());
         }
         // During the initial copy the detail is its progress (derived when shown).
@@ -1111,16 +1106,12 @@ impl Location {
             )));
         }
         if !drill && req.confirm != Some(true) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "confirmation_required",
-                format!(
-                    "failover starts server {} at {} from a recovery point and stops accepting replication from {}: send \"confirm\": true (CLI: --yes)",
-                    req.name.as_deref().unwrap_or(&row.server),
-                    self.config.location,
-                    row.primary_location
-                ),
-            ));
+            return Err(ApiError::confirmation_required(format!(
+                "failover starts server {} at {} from a recovery point and stops accepting replication from {}: send \"confirm\": true (CLI: --yes)",
+                req.name.as_deref().unwrap_or(&row.server),
+                self.config.location,
+                row.primary_location
+            )));
         }
         if !drill && row.state == PairState::FailedOver {
             let events = self.pair_events(&row.id).await?;
