@@ -38,7 +38,7 @@ pub enum ChunkError {
     Truncated { len: usize },
     #[error("stored object is not a chunk (bad magic)")]
     BadMagic,
-    #[error("chunk envelope version {0} is not supported (this cairn reads version 1)")]
+    #[error("chunk envelope version {0} is not supported (this cairn reads versions 1 and 2)")]
     UnsupportedVersion(u8),
     #[error("chunk is encrypted (scheme {0}) but this space has no key")]
     Encrypted(u8),
@@ -54,6 +54,8 @@ pub enum ChunkError {
     Length { expected: usize, got: usize },
     #[error("content hash {got} does not match chunk id {expected}")]
     HashMismatch { expected: ChunkId, got: ChunkId },
+    #[error("grain table: {0}")]
+    Table(String),
 }
 
 /// Seals chunks; holds a reusable zstd context and scratch buffer (create one per
@@ -170,6 +172,9 @@ pub fn open_chunk_into(
     expected: &ChunkId,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
+    if stored.get(4) == Some(&crate::framed::VERSION) {
+        return crate::framed::open_into(stored, None, expected, out);
+    }
     let header = check_stored(stored)?;
     let payload = &stored[HEADER_LEN..];
     out.clear();

@@ -6,6 +6,20 @@ use std::str::FromStr;
 
 /// The id of a chunk: the BLAKE3 hash of its plain (uncompressed, unencrypted) content.
 ///
+/// Where a chunk's content is stored: a standalone chunk (`base` = `None`) or a patch of
+/// `base` (see [`crate::framed`]). `id` is the content's hash either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub base: Option<ChunkId>,
+}
+
+impl ChunkRef {
+    pub fn plain(id: ChunkId) -> ChunkRef {
+        ChunkRef { id, base: None }
+    }
+}
+
 /// The all-zero value is reserved as the *zero chunk* marker in disk indexes: a chunk of
 /// zeros is never stored. (BLAKE3 never yields 32 zero bytes in practice.)
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -23,6 +23,7 @@
 
 pub mod chunk;
 pub mod config;
+pub mod framed;
 pub mod id;
 pub mod index;
 pub mod layout;
