@@ -34,7 +34,7 @@ const ENCRYPTION_NONE: u8 = 0;
 /// happened in transit.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChunkError {
-    #[error("stored chunk is truncated ({len} bytes, the header alone is 16)")]
+    #[error("stored chunk is truncated ({len} bytes stored)")]
     Truncated { len: usize },
     #[error("stored object is not a chunk (bad magic)")]
     BadMagic,
@@ -56,6 +56,12 @@ pub enum ChunkError {
     HashMismatch { expected: ChunkId, got: ChunkId },
     #[error("grain table: {0}")]
     Table(String),
+    #[error("grain {grain} (bytes {start}..{end} of the chunk) is damaged: its content does not match its chaining value")]
+    GrainDamaged {
+        grain: usize,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// Seals chunks; holds a reusable zstd context and scratch buffer (create one per
@@ -78,6 +84,11 @@ impl ChunkCodec {
 
     pub fn level(&self) -> i32 {
         self.level
+    }
+
+    /// The zstd context, for [`crate::framed::seal`].
+    pub fn compressor(&mut self) -> &mut zstd::bulk::Compressor<'static> {
+        &mut self.compressor
     }
 
     /// Seals `plain` into a stored envelope, compressed when that is smaller.

@@ -349,9 +349,12 @@ pub fn decode_grain(h: &Header, g: usize, frame: &[u8], out: &mut [u8]) -> Resul
 pub fn check_grain(h: &Header, g: usize, plain: &[u8]) -> Result<(), ChunkError> {
     let cv = grain_cv(plain, g, h.entries.len(), h.grain());
     if cv != h.entries[g].cv {
-        return Err(ChunkError::Table(format!(
-            "grain {g} does not match its chaining value"
-        )));
+        let r = h.grain_range(g);
+        return Err(ChunkError::GrainDamaged {
+            grain: g,
+            start: r.start,
+            end: r.end,
+        });
     }
     Ok(())
 }
@@ -392,6 +395,12 @@ pub fn open_into(
     }
     let got = ChunkId::of(out);
     if got != *expected {
+        // Name the damaged grain where the table can tell.
+        if h.root() == *expected {
+            for g in 0..h.entries.len() {
+                check_grain(&h, g, &out[h.grain_range(g)])?;
+            }
+        }
         return Err(ChunkError::HashMismatch {
             expected: *expected,
             got,

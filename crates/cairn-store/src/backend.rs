@@ -80,6 +80,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Where this backend stores, for messages (`file:///srv/space`, `memory:`).
     fn describe(&self) -> String;
     async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    /// Bytes `range` of an object, fewer where it ends sooner (`range.start` must be
+    /// inside it). By default the whole object is read and cut.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, BackendError> {
+        let all = self.get(key).await?;
+        let end = usize::try_from(range.end).unwrap_or(usize::MAX).min(all.len());
+        let start = usize::try_from(range.start).unwrap_or(usize::MAX).min(end);
+        Ok(all.slice(start..end))
+    }
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), BackendError>;
     /// Deletes an object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), BackendError>;

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_format::chunk::ChunkCodec;
-use cairn_format::id::{ChunkId, PointId};
+use cairn_format::framed;
+use cairn_format::id::{ChunkId, ChunkRef, PointId};
 use cairn_format::index::{DiskIndex, chunk_count};
 use cairn_format::layout;
 use cairn_format::record::{DiskRecord, PointRecord, PointStats, RECORD_VERSION};
@@ -129,16 +130,19 @@ impl CodecPool {
         }
     }
 
-    /// Seals a chunk with a pooled context.
-    pub(crate) fn seal(&self, plain: &[u8]) -> std::io::Result<Vec<u8>> {
+    /// Runs `f` with a pooled context.
+    pub(crate) fn with<R>(
+        &self,
+        f: impl FnOnce(&mut ChunkCodec) -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
         let taken = self.idle.lock().expect("poisoned").pop();
         let mut codec = match taken {
             Some(c) => c,
             None => ChunkCodec::new(self.level)?,
         };
-        let sealed = codec.seal(plain);
+        let r = f(&mut codec);
         self.idle.lock().expect("poisoned").push(codec);
-        sealed
+        r
     }
 }
 
@@ -229,13 +233,15 @@ impl Writer {
         }
     }
 
+    /// Takes a chunk whole: read, hash (per grain), and store it framed unless known.
+    /// `parent` is the parent point's chunk at the same position.
     async fn chunk(
         &self,
         image: &Arc<dyn ChunkSource>,
         start: u64,
         end: u64,
-        parent: Option<ChunkId>,
-    ) -> Result<(ChunkId, Outcome, u64), SpaceError> {
+        parent: Option<ChunkRef>,
+    ) -> Result<(ChunkRef, Outcome, u64), SpaceError> {
         let len = usize::try_from(end - start).expect("chunk fits in memory");
         let img = image.clone();
         let pool = self.pool.clone();
@@ -253,58 +259,186 @@ impl Writer {
                     pool.give(buf);
                     return Ok((ChunkId::ZERO, None, len as u64));
                 }
-                let id = ChunkId::of(&buf);
-                Ok::<_, SpaceError>((id, Some(buf), len as u64))
+                let (cvs, id) = framed::cvs_of(&buf);
+                Ok::<_, SpaceError>((id, Some((buf, cvs)), len as u64))
             })
             .await??;
         drop(permit);
-        let Some(buf) = buf else {
-            return Ok((id, Outcome::Zero, read));
+        let Some((buf, cvs)) = buf else {
+            return Ok((ChunkRef::plain(id), Outcome::Zero, read));
         };
         let suspect = self.quarantined.contains(&id);
-        if !suspect && (parent == Some(id) || self.known.lock().expect("poisoned").contains(&id)) {
+        if !suspect
+            && let Some(p) = parent
+            && p.id == id
+        {
+            // The parent's (a patch stays a patch).
             self.pool.give(buf);
-            return Ok((id, Outcome::Reused, read));
+            return Ok((p, Outcome::Reused, read));
+        }
+        let r = ChunkRef::plain(id);
+        if !suspect && self.known.lock().expect("poisoned").contains(&id) {
+            self.pool.give(buf);
+            return Ok((r, Outcome::Reused, read));
         }
         let key = layout::chunk_key(&id);
         if self.backend.stat(&key).await?.is_some() {
             self.pool.give(buf);
             self.known.lock().expect("poisoned").insert(id);
-            return Ok((id, Outcome::Reused, read));
+            return Ok((r, Outcome::Reused, read));
         }
         let codecs = self.codecs.clone();
         let pool = self.pool.clone();
         let permit = self.cpu.acquire().await.expect("semaphore open");
         let sealed = self
             .on_cpu(move || {
-                let sealed = codecs.seal(&buf);
+                let grains: Vec<framed::Grain> =
+                    buf.chunks(framed::GRAIN).map(framed::Grain::Data).collect();
+                let sealed = codecs.with(|c| {
+                    framed::seal(c.compressor(), buf.len(), None, &grains, &cvs).map(|s| s.1)
+                });
+                drop(grains);
                 pool.give(buf);
                 sealed
             })
             .await?
             .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
         drop(permit);
-        let stored = sealed.len() as u64;
-        let outcome = match self
-            .backend
-            .put(&key, Bytes::from(sealed), PutMode::CreateNew)
-            .await
-        {
-            Ok(()) => Outcome::New {
-                plain: len as u64,
-                stored,
-            },
-            // Written meanwhile by a concurrent task or writer: same content.
-            Err(BackendError::AlreadyExists { .. }) => Outcome::Reused,
-            Err(e) => return Err(e.into()),
-        };
+        let outcome = self.store(&key, sealed, len as u64).await?;
         if suspect {
             // Stored again from good data: the quarantine is over (this heals every
             // point that references the chunk).
             self.backend.delete(&layout::damaged_key(&id)).await?;
         }
         self.known.lock().expect("poisoned").insert(id);
-        Ok((id, outcome, read))
+        Ok((r, outcome, read))
+    }
+
+    async fn store(&self, key: &str, sealed: Vec<u8>, plain: u64) -> Result<Outcome, SpaceError> {
+        let stored = sealed.len() as u64;
+        match self
+            .backend
+            .put(key, Bytes::from(sealed), PutMode::CreateNew)
+            .await
+        {
+            Ok(()) => Ok(Outcome::New { plain, stored }),
+            // Written meanwhile by a concurrent task or writer: same content.
+            Err(BackendError::AlreadyExists { .. }) => Ok(Outcome::Reused),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes a chunk of which only `changed` grains may differ from `old` (the change
+    /// base's chunk at the same position) as a patch: reads only those grains and stores
+    /// them over `old`'s base. `None` (nothing read) when a patch does not fit: `old` is
+    /// zero, not framed, quarantined, or the patch would hold more than a quarter of the
+    /// grains; the caller then takes the chunk whole.
+    async fn patch(
+        &self,
+        image: &Arc<dyn ChunkSource>,
+        start: u64,
+        end: u64,
+        old: ChunkRef,
+        changed: Vec<usize>,
+    ) -> Result<Option<(ChunkRef, Outcome, u64)>, SpaceError> {
+        let len = usize::try_from(end - start).expect("chunk fits in memory");
+        let base = old.base.unwrap_or(old.id);
+        if old.id.is_zero()
+            || self.quarantined.contains(&old.id)
+            || self.quarantined.contains(&base)
+        {
+            return Ok(None);
+        }
+        let key = layout::object_key(&old);
+        // The old chunk's table (a patch is small: read whole, its frames are kept).
+        let stored = match old.base {
+            Some(_) => self.backend.get(&key).await,
+            None => {
+                self.backend
+                    .get_range(&key, 0..framed::table_len(len) as u64)
+                    .await
+            }
+        };
+        let stored = match stored {
+            Ok(b) => b,
+            Err(BackendError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if stored.get(4) != Some(&framed::VERSION) {
+            return Ok(None);
+        }
+        let Ok(h) = framed::parse_header(&stored) else {
+            return Ok(None);
+        };
+        if h.plain_len != len || h.grain() != framed::GRAIN || h.base != old.base {
+            return Ok(None);
+        }
+        let n = h.entries.len();
+        let mut own: Vec<bool> = h
+            .entries
+            .iter()
+            .map(|e| old.base.is_some() && e.kind != framed::Kind::Base)
+            .collect();
+        for &g in &changed {
+            own[g] = true;
+        }
+        if own.iter().filter(|&&o| o).count() > n / 4 {
+            return Ok(None);
+        }
+        // Only the changed grains are read; the rest is the base's, or the old patch's.
+        let img = image.clone();
+        let codecs = self.codecs.clone();
+        let permit = self.cpu.acquire().await.expect("semaphore open");
+        let (sealed, id, read) = self
+            .on_cpu(move || {
+                let mut data: Vec<Option<Vec<u8>>> = vec![None; n];
+                let mut cvs: Vec<_> = h.entries.iter().map(|e| e.cv).collect();
+                let mut read = 0;
+                for &g in &changed {
+                    let r = h.grain_range(g);
+                    let mut buf = vec![0u8; r.len()];
+                    img.read_at(&mut buf, start + r.start as u64)?;
+                    cvs[g] = framed::grain_cv(&buf, g, n, framed::GRAIN);
+                    read += buf.len() as u64;
+                    data[g] = Some(buf);
+                }
+                img.taken(start, end);
+                let grains: Vec<framed::Grain> = (0..n)
+                    .map(|g| match &data[g] {
+                        Some(d) => framed::Grain::Data(d),
+                        None if own[g] => framed::Grain::Stored {
+                            kind: h.entries[g].kind,
+                            bytes: &stored[h.frame_range(g)],
+                        },
+                        None => framed::Grain::Base,
+                    })
+                    .collect();
+                let (id, sealed) = codecs
+                    .with(|c| framed::seal(c.compressor(), len, Some(base), &grains, &cvs))
+                    .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
+                let patch_bytes: u64 = (0..n)
+                    .filter(|&g| own[g])
+                    .map(|g| h.grain_range(g).len() as u64)
+                    .sum();
+                Ok::<_, SpaceError>((sealed, id, (read, patch_bytes)))
+            })
+            .await??;
+        drop(permit);
+        let (read, patch_bytes) = read;
+        if id == old.id {
+            return Ok(Some((old, Outcome::Reused, read)));
+        }
+        if id == base {
+            return Ok(Some((ChunkRef::plain(base), Outcome::Reused, read)));
+        }
+        let r = ChunkRef {
+            id,
+            base: Some(base),
+        };
+        let outcome = self
+            .store(&layout::object_key(&r), sealed, patch_bytes)
+            .await?;
+        Ok(Some((r, outcome, read)))
     }
 }
 
@@ -409,6 +543,15 @@ async fn base_index(
     Ok(Some(space.load_index(&record, disk).await?))
 }
 
+/// Ids of an index's standalone chunks, and its patches' bases (all stored under
+/// `chunks/`); patches' own ids are not (they are stored under their base).
+fn standalone_ids(index: &DiskIndex) -> impl Iterator<Item = ChunkId> + '_ {
+    (0..index.chunks.len() as u64)
+        .map(|i| index.chunk_ref(i))
+        .filter(|r| !r.id.is_zero())
+        .map(|r| r.base.unwrap_or(r.id))
+}
+
 /// The newest point of `server`: records are read newest first, and only until one
 /// matches (usually the first).
 async fn latest_of(space: &Space, server: Option<&str>) -> Result<Option<PointRecord>, SpaceError> {
@@ -442,7 +585,7 @@ async fn write_point(
     if let Some(p) = parent {
         for d in &p.disks {
             let index = space.load_index(p, d).await?;
-            known.extend(index.chunks.iter().copied().filter(|c| !c.is_zero()));
+            known.extend(standalone_ids(&index));
             parent_indexes.push((d.name.clone(), index));
         }
     }
@@ -476,7 +619,7 @@ async fn write_point(
         }
         if let Some(b) = &base {
             let mut known = writer.known.lock().expect("poisoned");
-            known.extend(b.chunks.iter().copied().filter(|c| !c.is_zero()));
+            known.extend(standalone_ids(b));
         }
         bases.push(base);
     }
@@ -497,6 +640,7 @@ async fn write_point(
             .map(|(_, idx)| idx);
         let n = chunk_count(size, chunk_size);
         let mut ids = vec![ChunkId::ZERO; usize::try_from(n).expect("chunk count fits")];
+        let mut patch_bases = std::collections::BTreeMap::new();
         let mut dstats = PointStats {
             bytes_total: size,
             chunks_total: n,
@@ -513,8 +657,8 @@ async fn write_point(
                     && !writer.quarantined.contains(&b.chunks[at])
                 {
                     // Unchanged since the base: its chunk, not read.
-                    let cid = b.chunks[at];
-                    let outcome = if cid.is_zero() {
+                    let cid = b.chunk_ref(i);
+                    let outcome = if cid.id.is_zero() {
                         Outcome::Zero
                     } else {
                         Outcome::Reused
@@ -522,13 +666,37 @@ async fn write_point(
                     image.taken(start, end);
                     return Ok::<_, SpaceError>((i, cid, outcome, 0, end - start));
                 }
-                let parent_id = parent_index.and_then(|p| p.chunks.get(at).copied());
-                let (cid, outcome, read) = writer.chunk(image, start, end, parent_id).await?;
+                if let Some(b) = base {
+                    // Changed since the base: if only a few grains, store just those.
+                    let grains = usize::try_from(end - start)
+                        .expect("fits")
+                        .div_ceil(framed::GRAIN);
+                    let changed: Vec<usize> = (0..grains)
+                        .filter(|&g| {
+                            let s = start + (g * framed::GRAIN) as u64;
+                            image.changed(s, (s + framed::GRAIN as u64).min(end))
+                        })
+                        .collect();
+                    if changed.len() <= grains / 4
+                        && let Some((cid, outcome, read)) = writer
+                            .patch(image, start, end, b.chunk_ref(i), changed)
+                            .await?
+                    {
+                        return Ok((i, cid, outcome, read, end - start));
+                    }
+                }
+                let parent_ref = parent_index
+                    .filter(|p| (i as usize) < p.chunks.len())
+                    .map(|p| p.chunk_ref(i));
+                let (cid, outcome, read) = writer.chunk(image, start, end, parent_ref).await?;
                 Ok::<_, SpaceError>((i, cid, outcome, read, end - start))
             })
             .buffer_unordered(concurrency);
         while let Some((i, cid, outcome, read, len)) = results.try_next().await? {
-            ids[usize::try_from(i).expect("index fits")] = cid;
+            ids[usize::try_from(i).expect("index fits")] = cid.id;
+            if let Some(b) = cid.base {
+                patch_bases.insert(i, b);
+            }
             dstats.bytes_read += read;
             match outcome {
                 Outcome::Zero => dstats.chunks_zero += 1,
@@ -546,6 +714,7 @@ async fn write_point(
             disk_size: size,
             chunk_size,
             chunks: ids,
+            bases: patch_bases,
         };
         let encoded = index.encode();
         let checksum = DiskIndex::checksum_of(&encoded);

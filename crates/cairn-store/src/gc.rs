@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use cairn_format::id::{ChunkId, PointId};
+use cairn_format::id::{ChunkRef, PointId};
 use cairn_format::layout;
 use cairn_format::record::PointRecord;
 use futures::{StreamExt, TryStreamExt};
@@ -131,7 +131,7 @@ async fn mark(
     space: &Space,
     records: &[PointRecord],
     shards: &std::ops::RangeInclusive<u8>,
-    into: &mut HashSet<ChunkId>,
+    into: &mut HashSet<ChunkRef>,
 ) -> Result<(), SpaceError> {
     for record in records {
         for d in &record.disks {
@@ -144,12 +144,21 @@ async fn mark(
                 }
                 Err(e) => return Err(e),
             };
-            into.extend(
-                index
-                    .chunks
-                    .iter()
-                    .filter(|c| !c.is_zero() && shards.contains(&c.shard())),
-            );
+            for i in 0..index.chunks.len() as u64 {
+                let r = index.chunk_ref(i);
+                if r.id.is_zero() {
+                    continue;
+                }
+                if shards.contains(&r.id.shard()) {
+                    into.insert(r);
+                }
+                // A patch keeps its base.
+                if let Some(b) = r.base
+                    && shards.contains(&b.shard())
+                {
+                    into.insert(ChunkRef::plain(b));
+                }
+            }
         }
     }
     Ok(())
@@ -186,11 +195,14 @@ pub async fn gc(
         mark(space, &records0, &shards, &mut referenced).await?;
         report.chunks_referenced += referenced.len() as u64;
 
-        let mut candidates: Vec<(ChunkId, u64)> = Vec::new();
+        let mut candidates: Vec<(ChunkRef, u64)> = Vec::new();
         for shard in shards.clone() {
-            let mut listing = space.backend().list(&layout::chunk_shard_prefix(shard));
+            let mut listing = futures::stream::select(
+                space.backend().list(&layout::chunk_shard_prefix(shard)),
+                space.backend().list(&layout::patch_shard_prefix(shard)),
+            );
             while let Some(o) = listing.try_next().await? {
-                let Some(id) = layout::parse_chunk_key(&o.key) else {
+                let Some(id) = layout::parse_object_key(&o.key) else {
                     continue;
                 };
                 report.chunks_seen += 1;
@@ -271,7 +283,7 @@ async fn sweep(
     space: &Space,
     records0: &[PointRecord],
     shards: &std::ops::RangeInclusive<u8>,
-    mut candidates: Vec<(ChunkId, u64)>,
+    mut candidates: Vec<(ChunkRef, u64)>,
 ) -> Result<(u64, u64), SpaceError> {
     let before: HashSet<PointId> = records0.iter().map(|r| r.id).collect();
     let new_ids: Vec<PointId> = space
@@ -296,7 +308,7 @@ async fn sweep(
         .map(|(id, size)| {
             let backend = backend.clone();
             async move {
-                backend.delete(&layout::chunk_key(&id)).await?;
+                backend.delete(&layout::object_key(&id)).await?;
                 Ok::<_, SpaceError>(size)
             }
         })

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cairn_format::id::ChunkId;
+use cairn_format::id::{ChunkId, ChunkRef};
 use cairn_format::index::DiskIndex;
 use cairn_format::record::{DiskRecord, PointRecord};
 use futures::{StreamExt, TryStreamExt};
@@ -93,14 +93,14 @@ pub(crate) async fn write_chunks(
     record: &PointRecord,
     disk: &DiskRecord,
     index: &DiskIndex,
-    positions: Vec<(u64, ChunkId)>,
+    positions: Vec<(u64, ChunkRef)>,
     image: &Image,
     write_zeros: bool,
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<(u64, u64), SpaceError> {
     let mut zero_bytes = 0;
-    for (i, _) in positions.iter().filter(|(_, id)| id.is_zero()) {
+    for (i, _) in positions.iter().filter(|(_, r)| r.id.is_zero()) {
         let (start, end) = index.chunk_range(*i);
         if write_zeros {
             image.zero_range(start, end - start)?;
@@ -122,7 +122,7 @@ pub(crate) async fn write_chunks(
             async move {
                 let data = fetch_chunk(&backend, id)
                     .await
-                    .map_err(|e| chunk_error(record, disk, index, at[0], id, e))?;
+                    .map_err(|e| chunk_error(record, disk, index, at[0], id.id, e))?;
                 let data = Arc::new(data);
                 let img = image.clone();
                 let ranges: Vec<(u64, u64)> = at.iter().map(|i| index.chunk_range(*i)).collect();
@@ -131,7 +131,8 @@ pub(crate) async fn write_chunks(
                     for (start, end) in ranges {
                         if end - start != data.len() as u64 {
                             return Err(SpaceError::Internal(format!(
-                                "chunk {id} is {} bytes, its place {start}..{end}",
+                                "chunk {} is {} bytes, its place {start}..{end}",
+                                id.id,
                                 data.len()
                             )));
                         }
@@ -221,7 +222,9 @@ async fn restore_locked(
     let is_block = existing
         .as_ref()
         .is_some_and(|m| m.file_type().is_block_device());
-    let positions: Vec<(u64, ChunkId)> = (0u64..).zip(index.chunks.iter().copied()).collect();
+    let positions: Vec<(u64, ChunkRef)> = (0..index.chunks.len() as u64)
+        .map(|i| (i, index.chunk_ref(i)))
+        .collect();
     let chunks_zero = index.chunks.iter().filter(|c| c.is_zero()).count() as u64;
     progress.start("restore", disk.size);
 
@@ -320,7 +323,7 @@ async fn restore_to_new_file(
     record: &PointRecord,
     disk: &DiskRecord,
     index: &DiskIndex,
-    positions: Vec<(u64, ChunkId)>,
+    positions: Vec<(u64, ChunkRef)>,
     temp: &Path,
     opts: &RestoreOptions,
     progress: &dyn Progress,

@@ -5,10 +5,16 @@
 //! much would be rewritten. Applying the plan checks that every chunk it needs is present,
 //! then fetches each differing chunk once, verifies it, and writes it (zero chunks become
 //! holes where the filesystem can punch them), then syncs the image.
+//!
+//! When the caller knows which byte ranges may differ (a live disk's changed-block map,
+//! exact to 64 KiB), [`plan_rollback_ranges`] compares nothing: only those ranges are
+//! rewritten, each read from the point's chunk grain by grain ([`crate::fetch::fetch_range`];
+//! a framed chunk is not read whole), so the cost follows the diverged data, not the
+//! chunk size.
 
 use std::path::{Path, PathBuf};
 
-use cairn_format::id::{ChunkId, PointId};
+use cairn_format::id::{ChunkId, ChunkRef, PointId};
 use cairn_format::index::DiskIndex;
 use cairn_format::layout;
 use cairn_format::record::{DiskRecord, PointRecord};
@@ -30,7 +36,11 @@ pub struct RollbackPlan {
     pub chunks_total: u64,
     /// Chunk positions whose content differs from the point, with the point's id there.
     #[serde(skip)]
-    pub differing: Vec<(u64, ChunkId)>,
+    pub differing: Vec<(u64, ChunkRef)>,
+    /// Byte ranges `[start, end)` of the disk to rewrite from the point, each within one
+    /// chunk (not in `differing`).
+    #[serde(skip)]
+    pub ranges: Vec<(u64, u64)>,
     pub chunks_differing: u64,
     pub bytes_to_rewrite: u64,
     pub bytes_read: u64,
@@ -105,9 +115,9 @@ pub async fn plan_rollback_of(
     progress.start("compare", compared);
     let index_ref = &index;
     let image_ref = &image;
-    let mut differing: Vec<(u64, ChunkId, u64, u64)> = futures::stream::iter(positions)
+    let mut differing: Vec<(u64, ChunkRef, u64, u64)> = futures::stream::iter(positions)
         .map(|i| async move {
-            let want = index_ref.chunks[usize::try_from(i).expect("fits")];
+            let want = index_ref.chunk_ref(i);
             let (start, end) = index_ref.chunk_range(i);
             let img = image_ref.clone();
             let (have, read) = tokio::task::spawn_blocking(move || {
@@ -125,7 +135,8 @@ pub async fn plan_rollback_of(
             })
             .await??;
             progress.advance(end - start);
-            Ok::<_, SpaceError>((i, want, read, if have == want { 0 } else { end - start }))
+            let differs = have != want.id;
+            Ok::<_, SpaceError>((i, want, read, if differs { end - start } else { 0 }))
         })
         .buffer_unordered(concurrency.max(1))
         .try_collect()
@@ -143,7 +154,80 @@ pub async fn plan_rollback_of(
         chunks_differing: differing.len() as u64,
         bytes_to_rewrite: differing.iter().map(|d| d.3).sum(),
         differing: differing.into_iter().map(|d| (d.0, d.1)).collect(),
+        ranges: Vec::new(),
         bytes_read,
+    })
+}
+
+/// Plans the rollback of the byte ranges `ranges` only (the caller knows the rest equals
+/// the point), without comparing: each is rewritten from the point. A chunk more than
+/// half covered is rewritten whole (one read of it); the rest, range by range.
+pub async fn plan_rollback_ranges(
+    space: &Space,
+    record: &PointRecord,
+    disk: Option<&str>,
+    image_path: &Path,
+    mut ranges: Vec<(u64, u64)>,
+) -> Result<RollbackPlan, SpaceError> {
+    let disk = Space::choose_disk(record, disk)?;
+    let image = Image::open_read(image_path)?;
+    same_size(&image, record, disk)?;
+    let index = space.load_index(record, disk).await?;
+    let cs = u64::from(index.chunk_size);
+    // Cut at chunk boundaries, sort, merge.
+    let mut cut: Vec<(u64, u64)> = Vec::new();
+    ranges.sort_unstable();
+    for (mut s, e) in ranges {
+        let e = e.min(disk.size);
+        while s < e {
+            let end = ((s / cs + 1) * cs).min(e);
+            match cut.last_mut() {
+                Some(last) if last.1 >= s && last.0 / cs == s / cs => last.1 = last.1.max(end),
+                _ => cut.push((s, end)),
+            }
+            s = end;
+        }
+    }
+    let mut differing = Vec::new();
+    let mut partial = Vec::new();
+    let mut i = 0;
+    while i < cut.len() {
+        let c = cut[i].0 / cs;
+        let mut j = i;
+        let mut covered = 0;
+        while j < cut.len() && cut[j].0 / cs == c {
+            covered += cut[j].1 - cut[j].0;
+            j += 1;
+        }
+        let (start, end) = index.chunk_range(c);
+        if covered * 2 > end - start || index.chunk_ref(c).id.is_zero() {
+            differing.push((c, index.chunk_ref(c)));
+        } else {
+            partial.extend_from_slice(&cut[i..j]);
+        }
+        i = j;
+    }
+    let whole: u64 = differing
+        .iter()
+        .map(|&(c, _)| index.chunk_range(c))
+        .map(|(s, e)| e - s)
+        .sum();
+    Ok(RollbackPlan {
+        point: record.id,
+        disk: disk.name.clone(),
+        image: image_path.to_path_buf(),
+        disk_size: disk.size,
+        chunks_total: index.chunks.len() as u64,
+        chunks_differing: differing.len() as u64
+            + partial
+                .iter()
+                .map(|r| r.0 / cs)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as u64,
+        bytes_to_rewrite: whole + partial.iter().map(|r| r.1 - r.0).sum::<u64>(),
+        differing,
+        ranges: partial,
+        bytes_read: 0,
     })
 }
 
@@ -178,20 +262,30 @@ async fn apply_locked(
     same_size(&image, record, disk)?;
     // Refuse before writing anything if a needed chunk is gone.
     let backend = space.backend().clone();
-    let groups = crate::fetch::group_by_chunk(plan.differing.iter().copied());
-    futures::stream::iter(groups.iter())
-        .map(|(id, at)| {
+    let cs = u64::from(index.chunk_size);
+    let partial = plan
+        .ranges
+        .iter()
+        .map(|r| (r.0 / cs, index.chunk_ref(r.0 / cs)));
+    let groups = crate::fetch::group_by_chunk(plan.differing.iter().copied().chain(partial));
+    // Every object a fetch will read: the chunk, and a patch's base.
+    let needed = groups.iter().flat_map(|(r, at)| {
+        let base = r.base.map(|b| (ChunkRef::plain(b), r.id, at[0]));
+        std::iter::once((*r, r.id, at[0])).chain(base)
+    });
+    futures::stream::iter(needed)
+        .map(|(r, id, at)| {
             let backend = backend.clone();
             let index = &index;
             async move {
-                match backend.stat(&layout::chunk_key(id)).await? {
+                match backend.stat(&layout::object_key(&r)).await? {
                     Some(_) => Ok(()),
                     None => {
-                        let (start, end) = index.chunk_range(at[0]);
+                        let (start, end) = index.chunk_range(at);
                         Err(SpaceError::MissingChunk {
                             point: record.id,
                             disk: disk.name.clone(),
-                            chunk: *id,
+                            chunk: id,
                             start,
                             end,
                         })
@@ -215,6 +309,7 @@ async fn apply_locked(
         progress,
     )
     .await?;
+    let written = written + write_ranges(record, disk, &index, &plan.ranges, &image, space, concurrency, progress).await?;
     image.sync()?;
     progress.finish();
     Ok(RollbackReport {
@@ -225,4 +320,45 @@ async fn apply_locked(
         bytes_rewritten: written,
         bytes_read: plan.bytes_read,
     })
+}
+
+/// Rewrites byte ranges (each within one chunk) from the point's chunks, reading only the
+/// grains that hold them.
+#[allow(clippy::too_many_arguments)]
+async fn write_ranges(
+    record: &PointRecord,
+    disk: &DiskRecord,
+    index: &DiskIndex,
+    ranges: &[(u64, u64)],
+    image: &Image,
+    space: &Space,
+    concurrency: usize,
+    progress: &dyn Progress,
+) -> Result<u64, SpaceError> {
+    let cs = u64::from(index.chunk_size);
+    let backend = space.backend().clone();
+    futures::stream::iter(ranges.iter().copied())
+        .map(|(s, e)| {
+            let backend = backend.clone();
+            async move {
+                let c = s / cs;
+                let r = index.chunk_ref(c);
+                let (cstart, cend) = index.chunk_range(c);
+                let len = usize::try_from(cend - cstart).expect("fits");
+                let within = usize::try_from(s - cstart).expect("fits")
+                    ..usize::try_from(e - cstart).expect("fits");
+                let data = crate::fetch::fetch_range(&backend, r, len, within)
+                    .await
+                    .map_err(|err| {
+                        crate::restore::chunk_error(record, disk, index, c, r.id, err)
+                    })?;
+                let img = image.clone();
+                tokio::task::spawn_blocking(move || img.write_at(&data, s)).await??;
+                progress.advance(e - s);
+                Ok::<_, SpaceError>(e - s)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+        .await
 }

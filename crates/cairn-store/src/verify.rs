@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use cairn_format::id::{ChunkId, PointId};
+use cairn_format::id::{ChunkId, ChunkRef, PointId};
 use cairn_format::record::PointRecord;
 use futures::StreamExt;
 
@@ -30,6 +30,9 @@ pub struct Affected {
 pub struct Damage {
     /// The damaged chunk, or `None` when an index or record is damaged.
     pub chunk: Option<ChunkId>,
+    /// Where that chunk is stored (a patch names its base).
+    #[serde(skip)]
+    pub object: Option<ChunkRef>,
     pub problem: String,
     pub affected: Vec<Affected>,
 }
@@ -67,7 +70,8 @@ pub async fn quarantined(space: &Space) -> Result<std::collections::HashSet<Chun
 
 /// Quarantines a damaged chunk: the marker first (so no writer trusts the id any more),
 /// then the damaged object goes.
-async fn quarantine(space: &Space, id: ChunkId, problem: &str) -> Result<(), SpaceError> {
+async fn quarantine(space: &Space, r: ChunkRef, problem: &str) -> Result<(), SpaceError> {
+    let id = r.id;
     let marker = QuarantineMarker {
         chunk: id,
         problem: problem.to_string(),
@@ -83,7 +87,7 @@ async fn quarantine(space: &Space, id: ChunkId, problem: &str) -> Result<(), Spa
         .await?;
     space
         .backend()
-        .delete(&cairn_format::layout::chunk_key(&id))
+        .delete(&cairn_format::layout::object_key(&r))
         .await?;
     Ok(())
 }
@@ -120,7 +124,7 @@ pub async fn verify_and_repair(
             for id in report
                 .damage
                 .iter()
-                .filter_map(|d| d.chunk.map(|c| (c, d.problem.clone())))
+                .filter_map(|d| d.object.map(|c| (c, d.problem.clone())))
             {
                 outcome = quarantine(space, id.0, &id.1).await;
                 if outcome.is_err() {
@@ -152,6 +156,7 @@ async fn verify_locked(
                 Ok(r) => v.push(r),
                 Err(e @ SpaceError::DamagedRecord { .. }) => report.damage.push(Damage {
                     chunk: None,
+                    object: None,
                     problem: e.to_string(),
                     affected: vec![],
                 }),
@@ -163,22 +168,24 @@ async fn verify_locked(
     report.points = records.len();
 
     // Pass 1: every distinct chunk, with the bytes it covers (for progress).
-    let mut unique: HashMap<ChunkId, u64> = HashMap::new();
+    let mut unique: HashMap<ChunkRef, u64> = HashMap::new();
     for r in &records {
         for d in &r.disks {
             report.disks += 1;
             match space.load_index(r, d).await {
                 Ok(index) => {
-                    for (i, id) in index.chunks.iter().enumerate() {
-                        if !id.is_zero() {
-                            let (s, e) = index.chunk_range(i as u64);
-                            unique.entry(*id).or_insert(e - s);
+                    for i in 0..index.chunks.len() as u64 {
+                        let r = index.chunk_ref(i);
+                        if !r.id.is_zero() {
+                            let (s, e) = index.chunk_range(i);
+                            unique.entry(r).or_insert(e - s);
                         }
                     }
                 }
                 Err(SpaceError::DamagedIndex { .. }) if !space.point_exists(&r.id).await? => {}
                 Err(e @ SpaceError::DamagedIndex { .. }) => report.damage.push(Damage {
                     chunk: None,
+                    object: None,
                     problem: e.to_string(),
                     affected: vec![Affected {
                         point: r.id,
@@ -192,7 +199,7 @@ async fn verify_locked(
     }
     progress.start("verify", unique.values().sum());
     let backend = space.backend().clone();
-    let mut bad: HashMap<ChunkId, String> = HashMap::new();
+    let mut bad: HashMap<ChunkRef, String> = HashMap::new();
     let mut results = futures::stream::iter(unique)
         .map(|(id, plain)| {
             let backend = backend.clone();
@@ -217,17 +224,18 @@ async fn verify_locked(
     }
 
     // Pass 2 (only when damaged): which points, disks and ranges each damaged chunk hurts.
-    let mut affected: HashMap<ChunkId, Vec<Affected>> = HashMap::new();
+    let mut affected: HashMap<ChunkRef, Vec<Affected>> = HashMap::new();
     for r in &records {
         for d in &r.disks {
             let Ok(index) = space.load_index(r, d).await else {
                 continue;
             };
-            let mut per_chunk: HashMap<ChunkId, Vec<(u64, u64)>> = HashMap::new();
-            for (i, id) in index.chunks.iter().enumerate() {
-                if bad.contains_key(id) {
-                    let (s, e) = index.chunk_range(i as u64);
-                    let ranges = per_chunk.entry(*id).or_default();
+            let mut per_chunk: HashMap<ChunkRef, Vec<(u64, u64)>> = HashMap::new();
+            for i in 0..index.chunks.len() as u64 {
+                let id = index.chunk_ref(i);
+                if bad.contains_key(&id) {
+                    let (s, e) = index.chunk_range(i);
+                    let ranges = per_chunk.entry(id).or_default();
                     match ranges.last_mut() {
                         Some(last) if last.1 == s => last.1 = e,
                         _ => ranges.push((s, e)),
@@ -243,11 +251,12 @@ async fn verify_locked(
             }
         }
     }
-    let mut ids: Vec<ChunkId> = bad.keys().copied().collect();
+    let mut ids: Vec<ChunkRef> = bad.keys().copied().collect();
     ids.sort();
     for id in ids {
         report.damage.push(Damage {
-            chunk: Some(id),
+            chunk: Some(id.id),
+            object: Some(id),
             problem: bad.remove(&id).unwrap_or_default(),
             affected: affected.remove(&id).unwrap_or_default(),
         });

@@ -181,9 +181,10 @@ impl CloneState {
         if self.present.get(c) {
             return Ok(());
         }
-        let id: ChunkId = self.index.chunks[usize::try_from(c).expect("fits")];
+        let r = self.index.chunk_ref(c);
+        let id: ChunkId = r.id;
         let (start, end) = self.chunk_range(c);
-        let data = fetch_chunk(self.space.backend(), id).await.map_err(|e| {
+        let data = fetch_chunk(self.space.backend(), r).await.map_err(|e| {
             let why = match e {
                 FetchError::Missing => "is missing from the recovery space".to_string(),
                 FetchError::Damaged(d) => format!("is damaged ({d})"),

@@ -1092,10 +1092,16 @@ pub async fn rollback_server(
         }
         let paths = pool.disk_paths(server, &d.name);
         let index = space.load_index(&record, &d).await?;
+        // Byte ranges that may differ from the point: what changed since the disk's
+        // base (its map, exact to a grain), plus every chunk where the base differs from
+        // the point. `None`: the map is invalid, compare everything.
         let candidates = match read_cbt(&paths, meta.size)? {
             Some((base, map)) if meta.size == d.size => {
-                let cs = u64::from(index.chunk_size);
-                let mut c: Vec<u64> = map.ones().map(|g| g * crate::volume::GRAIN / cs).collect();
+                let g = crate::volume::GRAIN;
+                let mut c: Vec<(u64, u64)> = map
+                    .ones()
+                    .map(|i| (i * g, ((i + 1) * g).min(d.size)))
+                    .collect();
                 if base.point == *point && base.disk == d.name {
                     Some(c)
                 } else {
@@ -1104,9 +1110,9 @@ pub async fn rollback_server(
                             Some(bd) if br.chunk_size == record.chunk_size && bd.size == d.size => {
                                 let bi = space.load_index(&br, bd).await?;
                                 c.extend(
-                                    (0..index.chunks.len())
-                                        .filter(|&i| bi.chunks[i] != index.chunks[i])
-                                        .map(|i| i as u64),
+                                    (0..index.chunks.len() as u64)
+                                        .filter(|&i| bi.chunk_ref(i).id != index.chunk_ref(i).id)
+                                        .map(|i| index.chunk_range(i)),
                                 );
                                 Some(c)
                             }
@@ -1124,16 +1130,30 @@ pub async fn rollback_server(
         } else {
             "hash comparison"
         };
-        let plan = cairn_store::rollback::plan_rollback_of(
-            space,
-            &record,
-            Some(&d.name),
-            &paths.data,
-            candidates,
-            concurrency,
-            progress,
-        )
-        .await?;
+        let plan = match candidates {
+            Some(ranges) => {
+                cairn_store::rollback::plan_rollback_ranges(
+                    space,
+                    &record,
+                    Some(&d.name),
+                    &paths.data,
+                    ranges,
+                )
+                .await?
+            }
+            None => {
+                cairn_store::rollback::plan_rollback_of(
+                    space,
+                    &record,
+                    Some(&d.name),
+                    &paths.data,
+                    None,
+                    concurrency,
+                    progress,
+                )
+                .await?
+            }
+        };
         let mut report = DiskRollback {
             disk: d.name.clone(),
             method: method.into(),

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cairn_format::id::{ChunkId, PointId};
+use cairn_format::id::{ChunkRef, PointId};
 use cairn_format::index::DiskIndex;
 use cairn_nbd::export::{BlockExport, Extent};
 use cairn_nbd::handshake::ExportInfo;
@@ -19,7 +19,7 @@ pub struct PointExport {
     point: PointId,
     index: DiskIndex,
     info: ExportInfo,
-    cache: Mutex<Vec<(ChunkId, Arc<Vec<u8>>)>>,
+    cache: Mutex<Vec<(ChunkRef, Arc<Vec<u8>>)>>,
 }
 
 impl PointExport {
@@ -49,7 +49,7 @@ impl PointExport {
         })
     }
 
-    async fn chunk(&self, id: ChunkId) -> std::io::Result<Arc<Vec<u8>>> {
+    async fn chunk(&self, id: ChunkRef) -> std::io::Result<Arc<Vec<u8>>> {
         if let Some((_, d)) = self
             .cache
             .lock()
@@ -60,7 +60,7 @@ impl PointExport {
             return Ok(d.clone());
         }
         let data = Arc::new(fetch_chunk(self.space.backend(), id).await.map_err(|e| {
-            std::io::Error::other(format!("recovery point {}: chunk {id}: {e}", self.point))
+            std::io::Error::other(format!("recovery point {}: chunk {}: {e}", self.point, id.id))
         })?);
         let mut cache = self.cache.lock().expect("poisoned");
         if cache.len() >= CACHED_CHUNKS {
@@ -90,8 +90,8 @@ impl BlockExport for PointExport {
             let c = pos / cs;
             let (start, stop) = self.index.chunk_range(c);
             let to = stop.min(end);
-            let id = self.index.chunks[usize::try_from(c).expect("fits")];
-            if !id.is_zero() {
+            let id = self.index.chunk_ref(c);
+            if !id.id.is_zero() {
                 let data = self.chunk(id).await?;
                 let from = usize::try_from(pos - start).expect("fits");
                 let n = usize::try_from(to - pos).expect("fits");

@@ -107,6 +107,15 @@ impl Backend for FaultBackend {
         self.inner.get(key).await
     }
 
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, BackendError> {
+        self.check(Op::Get, key)?;
+        self.inner.get_range(key, range).await
+    }
+
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), BackendError> {
         self.check(Op::Put, key)?;
         self.counts

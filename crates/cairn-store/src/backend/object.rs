@@ -194,6 +194,17 @@ impl Backend for ObjectStoreBackend {
         res.bytes().await.map_err(|e| map_error(key, e))
     }
 
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, BackendError> {
+        self.store
+            .get_range(&path(key), range)
+            .await
+            .map_err(|e| map_error(key, e))
+    }
+
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), BackendError> {
         let opts = PutOptions {
             mode: match mode {
@@ -217,11 +228,11 @@ impl Backend for ObjectStoreBackend {
         // On a local folder a deletion is durable only once its directory is synced: a
         // deleted record must not come back after a power loss once its indexes or
         // chunks are gone.
-        // (A chunk that comes back is only garbage again: no sync needed.)
+        // (A chunk or patch that comes back is only garbage again: no sync needed.)
         if let Some(root) = self
             .local_root
             .as_ref()
-            .filter(|_| !key.starts_with("chunks/"))
+            .filter(|_| !key.starts_with("chunks/") && !key.starts_with("patches/"))
         {
             let dir = root.join(key).parent().map(FsPath::to_path_buf);
             if let Some(dir) = dir {

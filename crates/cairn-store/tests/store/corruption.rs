@@ -143,7 +143,7 @@ fn flipped_byte() {
         let n = bytes.len();
         bytes[n / 2] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
-        check_damage_reported(&space, id, p1.id, p2.id, "checksum mismatch").await;
+        check_damage_reported(&space, id, p1.id, p2.id, "is damaged").await;
         check_restore_and_rollback_refuse(&space, dir.path(), &p2).await;
     });
 }
@@ -156,7 +156,7 @@ fn truncated_chunk() {
         let (id, path) = chunk3_path(dir.path(), &data);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
-        check_damage_reported(&space, id, p1.id, p2.id, "checksum").await;
+        check_damage_reported(&space, id, p1.id, p2.id, "truncated").await;
         check_restore_and_rollback_refuse(&space, dir.path(), &p2).await;
         std::fs::write(&path, &bytes[..5]).unwrap();
         check_damage_reported(&space, id, p1.id, p2.id, "truncated").await;

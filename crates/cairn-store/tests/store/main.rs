@@ -7,4 +7,5 @@ mod corruption;
 mod faults;
 mod gc;
 mod model;
+mod patches;
 mod s3;
