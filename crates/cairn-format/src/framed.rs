@@ -136,6 +136,23 @@ pub fn cvs_of(plain: &[u8]) -> (Vec<ChainingValue>, ChunkId) {
     (cvs, id)
 }
 
+/// The chaining values of a chunk of `plain_len` zeros (computed once per length).
+pub fn zero_cvs(plain_len: usize) -> std::sync::Arc<Vec<ChainingValue>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Vec<ChainingValue>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(v) = cache.lock().expect("poisoned").get(&plain_len) {
+        return v.clone();
+    }
+    let v = Arc::new(cvs_of(&vec![0u8; plain_len]).0);
+    cache
+        .lock()
+        .expect("poisoned")
+        .insert(plain_len, v.clone());
+    v
+}
+
 /// Merges grains' chaining values into the root hash (BLAKE3's tree: the left subtree
 /// holds the largest power of two of 1 KiB chunks that leaves the right one non-empty;
 /// every split of more than one grain falls on a grain boundary).

@@ -328,6 +328,76 @@ impl Writer {
         }
     }
 
+    /// Takes a chunk that was all zeros at the base, of which only `changed` grains may
+    /// hold data now: reads only those, and stores a standalone framed chunk whose other
+    /// grains are zero grains. `None` (nothing read) when more than a quarter changed.
+    async fn sparse(
+        &self,
+        image: &Arc<dyn ChunkSource>,
+        start: u64,
+        end: u64,
+        changed: Vec<usize>,
+    ) -> Result<Option<(ChunkRef, Outcome, u64)>, SpaceError> {
+        let len = usize::try_from(end - start).expect("chunk fits in memory");
+        let n = framed::grain_count(len, framed::GRAIN);
+        if changed.len() > n / 4 {
+            return Ok(None);
+        }
+        let img = image.clone();
+        let codecs = self.codecs.clone();
+        let permit = self.cpu.acquire().await.expect("semaphore open");
+        let (sealed, plain, read) = self
+            .on_cpu(move || {
+                let mut cvs: Vec<_> = framed::zero_cvs(len).to_vec();
+                let mut data: Vec<Option<Vec<u8>>> = vec![None; n];
+                let (mut read, mut plain) = (0, 0);
+                for &g in &changed {
+                    let r = g * framed::GRAIN..((g + 1) * framed::GRAIN).min(len);
+                    let mut buf = vec![0u8; r.len()];
+                    img.read_at(&mut buf, start + r.start as u64)?;
+                    read += buf.len() as u64;
+                    if !cairn_format::zero::is_zero(&buf) {
+                        cvs[g] = framed::grain_cv(&buf, g, n, framed::GRAIN);
+                        plain += buf.len() as u64;
+                        data[g] = Some(buf);
+                    }
+                }
+                img.taken(start, end);
+                if plain == 0 {
+                    return Ok::<_, SpaceError>((None, 0, read));
+                }
+                let grains: Vec<framed::Grain> = data
+                    .iter()
+                    .map(|d| match d {
+                        Some(d) => framed::Grain::Data(d),
+                        None => framed::Grain::Zero,
+                    })
+                    .collect();
+                let sealed = codecs
+                    .with(|c| framed::seal(c.compressor(), len, None, &grains, &cvs))
+                    .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
+                Ok((Some(sealed), plain, read))
+            })
+            .await??;
+        drop(permit);
+        let Some((id, sealed)) = sealed else {
+            return Ok(Some((ChunkRef::plain(ChunkId::ZERO), Outcome::Zero, read)));
+        };
+        let r = ChunkRef::plain(id);
+        let suspect = self.quarantined.contains(&id);
+        if !suspect && self.known.lock().expect("poisoned").contains(&id) {
+            return Ok(Some((r, Outcome::Reused, read)));
+        }
+        let outcome = self
+            .store(&layout::chunk_key(&id), sealed, plain)
+            .await?;
+        if suspect {
+            self.backend.delete(&layout::damaged_key(&id)).await?;
+        }
+        self.known.lock().expect("poisoned").insert(id);
+        Ok(Some((r, outcome, read)))
+    }
+
     /// Takes a chunk of which only `changed` grains may differ from `old` (the change
     /// base's chunk at the same position) as a patch: reads only those grains and stores
     /// them over `old`'s base. `None` (nothing read) when a patch does not fit: `old` is
@@ -342,11 +412,11 @@ impl Writer {
         changed: Vec<usize>,
     ) -> Result<Option<(ChunkRef, Outcome, u64)>, SpaceError> {
         let len = usize::try_from(end - start).expect("chunk fits in memory");
+        if old.id.is_zero() {
+            return self.sparse(image, start, end, changed).await;
+        }
         let base = old.base.unwrap_or(old.id);
-        if old.id.is_zero()
-            || self.quarantined.contains(&old.id)
-            || self.quarantined.contains(&base)
-        {
+        if self.quarantined.contains(&old.id) || self.quarantined.contains(&base) {
             return Ok(None);
         }
         let key = layout::object_key(&old);

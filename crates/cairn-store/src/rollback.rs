@@ -200,7 +200,7 @@ pub async fn plan_rollback_ranges(
             j += 1;
         }
         let (start, end) = index.chunk_range(c);
-        if covered * 2 > end - start || index.chunk_ref(c).id.is_zero() {
+        if covered * 2 > end - start {
             differing.push((c, index.chunk_ref(c)));
         } else {
             partial.extend_from_slice(&cut[i..j]);
@@ -343,6 +343,12 @@ async fn write_ranges(
             async move {
                 let c = s / cs;
                 let r = index.chunk_ref(c);
+                if r.id.is_zero() {
+                    let img = image.clone();
+                    tokio::task::spawn_blocking(move || img.zero_range(s, e - s)).await??;
+                    progress.advance(e - s);
+                    return Ok::<_, SpaceError>(e - s);
+                }
                 let (cstart, cend) = index.chunk_range(c);
                 let len = usize::try_from(cend - cstart).expect("fits");
                 let within = usize::try_from(s - cstart).expect("fits")

@@ -1056,8 +1056,12 @@ pub struct DiskRollback {
     pub disk: String,
     /// "changed-block map" or "hash comparison".
     pub method: String,
+    /// Bytes read from the disk and hashed to find what differs (none with the map:
+    /// it names the changed areas).
     pub bytes_compared: u64,
     pub chunks_differing: u64,
+    /// Bytes the rollback rewrites (planned).
+    pub bytes_to_rewrite: u64,
     pub bytes_rewritten: u64,
 }
 
@@ -1158,6 +1162,7 @@ pub async fn rollback_server(
             disk: d.name.clone(),
             method: method.into(),
             bytes_compared: plan.bytes_read,
+            bytes_to_rewrite: plan.bytes_to_rewrite,
             chunks_differing: plan.chunks_differing,
             bytes_rewritten: 0,
         };

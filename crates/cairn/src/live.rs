@@ -946,17 +946,20 @@ pub async fn rollback(
     } else {
         for r in &reports {
             let verb = if yes { "rewrote" } else { "would rewrite" };
+            let how = if r.method == "changed-block map" {
+                "the areas written since the point, from the changed-block map".to_string()
+            } else {
+                format!("compared {} using the {}", size(r.bytes_compared), r.method)
+            };
             println!(
-                "{server}/{}: {verb} {} chunks{} (compared {} using the {})",
+                "{server}/{}: {verb} {} in {} chunks ({how})",
                 r.disk,
-                r.chunks_differing,
-                if yes {
-                    format!(" ({})", size(r.bytes_rewritten))
+                size(if yes {
+                    r.bytes_rewritten
                 } else {
-                    String::new()
-                },
-                size(r.bytes_compared),
-                r.method
+                    r.bytes_to_rewrite
+                }),
+                r.chunks_differing,
             );
         }
         if !yes {
