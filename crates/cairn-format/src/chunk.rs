@@ -56,7 +56,9 @@ pub enum ChunkError {
     HashMismatch { expected: ChunkId, got: ChunkId },
     #[error("grain table: {0}")]
     Table(String),
-    #[error("grain {grain} (bytes {start}..{end} of the chunk) is damaged: its content does not match its chaining value")]
+    #[error(
+        "grain {grain} (bytes {start}..{end} of the chunk) is damaged: its content does not match its chaining value"
+    )]
     GrainDamaged {
         grain: usize,
         start: usize,

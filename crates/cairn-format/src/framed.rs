@@ -146,10 +146,7 @@ pub fn zero_cvs(plain_len: usize) -> std::sync::Arc<Vec<ChainingValue>> {
         return v.clone();
     }
     let v = Arc::new(cvs_of(&vec![0u8; plain_len]).0);
-    cache
-        .lock()
-        .expect("poisoned")
-        .insert(plain_len, v.clone());
+    cache.lock().expect("poisoned").insert(plain_len, v.clone());
     v
 }
 
@@ -199,7 +196,10 @@ pub fn seal(
     grains: &[Grain<'_>],
     cvs: &[ChainingValue],
 ) -> std::io::Result<(ChunkId, Vec<u8>)> {
-    assert!(plain_len <= MAX_PLAIN_LEN, "chunk larger than the format allows");
+    assert!(
+        plain_len <= MAX_PLAIN_LEN,
+        "chunk larger than the format allows"
+    );
     let n = grain_count(plain_len, GRAIN);
     assert_eq!(grains.len(), n, "one grain spec per grain");
     assert_eq!(cvs.len(), n, "one chaining value per grain");
@@ -449,7 +449,16 @@ mod tests {
 
     #[test]
     fn root_is_the_blake3_hash() {
-        for len in [512, 1024, 65536, 65537, 131072, 200_000, 4 << 20, (4 << 20) - 512] {
+        for len in [
+            512,
+            1024,
+            65536,
+            65537,
+            131072,
+            200_000,
+            4 << 20,
+            (4 << 20) - 512,
+        ] {
             let data = crate::testdata::noise(len as u64, len);
             assert_eq!(cvs_of(&data).1, ChunkId::of(&data), "length {len}");
         }
@@ -479,7 +488,10 @@ mod tests {
         assert!(open_into(&bad, None, &id, &mut out).is_err());
         let mut bad = stored.clone();
         bad[HEADER_LEN + 10] ^= 1;
-        assert!(matches!(parse_header(&bad), Err(ChunkError::Checksum { .. })));
+        assert!(matches!(
+            parse_header(&bad),
+            Err(ChunkError::Checksum { .. })
+        ));
     }
 
     #[test]

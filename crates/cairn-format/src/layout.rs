@@ -136,10 +136,7 @@ mod tests {
             base: Some(ChunkId::of(b"base")),
         };
         assert_eq!(parse_object_key(&object_key(&p)), Some(p));
-        assert_eq!(
-            parse_object_key(&chunk_key(&id)),
-            Some(ChunkRef::plain(id))
-        );
+        assert_eq!(parse_object_key(&chunk_key(&id)), Some(ChunkRef::plain(id)));
         assert_eq!(parse_object_key(&format!("{}#1", object_key(&p))), None);
         let p = crate::id::new_point_id();
         assert_eq!(parse_record_key(&record_key(&p)), Some(p));

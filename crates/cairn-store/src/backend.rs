@@ -88,7 +88,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
         range: std::ops::Range<u64>,
     ) -> Result<Bytes, BackendError> {
         let all = self.get(key).await?;
-        let end = usize::try_from(range.end).unwrap_or(usize::MAX).min(all.len());
+        let end = usize::try_from(range.end)
+            .unwrap_or(usize::MAX)
+            .min(all.len());
         let start = usize::try_from(range.start).unwrap_or(usize::MAX).min(end);
         Ok(all.slice(start..end))
     }

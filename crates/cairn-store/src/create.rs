@@ -388,9 +388,7 @@ impl Writer {
         if !suspect && self.known.lock().expect("poisoned").contains(&id) {
             return Ok(Some((r, Outcome::Reused, read)));
         }
-        let outcome = self
-            .store(&layout::chunk_key(&id), sealed, plain)
-            .await?;
+        let outcome = self.store(&layout::chunk_key(&id), sealed, plain).await?;
         if suspect {
             self.backend.delete(&layout::damaged_key(&id)).await?;
         }

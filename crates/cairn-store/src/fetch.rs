@@ -45,7 +45,10 @@ async fn get_range(
     key: &str,
     range: std::ops::Range<usize>,
 ) -> Result<bytes::Bytes, FetchError> {
-    match backend.get_range(key, range.start as u64..range.end as u64).await {
+    match backend
+        .get_range(key, range.start as u64..range.end as u64)
+        .await
+    {
         Ok(b) => Ok(b),
         Err(BackendError::NotFound { .. }) => Err(FetchError::Missing),
         Err(e) => Err(FetchError::Backend(e)),
@@ -116,7 +119,9 @@ async fn read_grains(
         bytes::Bytes::new()
     };
     if frames.len() != last - first {
-        return Err(FetchError::Damaged(ChunkError::Truncated { len: frames.len() }));
+        return Err(FetchError::Damaged(ChunkError::Truncated {
+            len: frames.len(),
+        }));
     }
     let key = key.to_string();
     tokio::task::spawn_blocking(move || {
@@ -149,7 +154,10 @@ pub async fn fetch_range(
     chunk_len: usize,
     range: std::ops::Range<usize>,
 ) -> Result<Vec<u8>, FetchError> {
-    let (g0, g1) = (range.start / framed::GRAIN, range.end.div_ceil(framed::GRAIN));
+    let (g0, g1) = (
+        range.start / framed::GRAIN,
+        range.end.div_ceil(framed::GRAIN),
+    );
     let key = layout::object_key(&r);
     let Some((h, mut plain)) = read_grains(backend, &key, r.id, chunk_len, g0..g1).await? else {
         let whole = fetch_chunk(backend, r).await?;

@@ -309,7 +309,18 @@ async fn apply_locked(
         progress,
     )
     .await?;
-    let written = written + write_ranges(record, disk, &index, &plan.ranges, &image, space, concurrency, progress).await?;
+    let written = written
+        + write_ranges(
+            record,
+            disk,
+            &index,
+            &plan.ranges,
+            &image,
+            space,
+            concurrency,
+            progress,
+        )
+        .await?;
     image.sync()?;
     progress.finish();
     Ok(RollbackReport {

@@ -60,7 +60,10 @@ impl PointExport {
             return Ok(d.clone());
         }
         let data = Arc::new(fetch_chunk(self.space.backend(), id).await.map_err(|e| {
-            std::io::Error::other(format!("recovery point {}: chunk {}: {e}", self.point, id.id))
+            std::io::Error::other(format!(
+                "recovery point {}: chunk {}: {e}",
+                self.point, id.id
+            ))
         })?);
         let mut cache = self.cache.lock().expect("poisoned");
         if cache.len() >= CACHED_CHUNKS {

@@ -91,7 +91,9 @@ async fn take(space: &Space, t: &Arc<Tracked>) -> cairn_format::record::PointRec
 }
 
 fn lcg(x: &mut u64) -> u64 {
-    *x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *x = x
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     *x >> 33
 }
 
@@ -142,7 +144,11 @@ fn patches_restore_fetch_rollback_verify_and_survive_gc() {
             last.stats
         );
         for (p, want) in &points {
-            assert!(restored(&space, p, "root", dir.path()).await == *want, "point {}", p.id);
+            assert!(
+                restored(&space, p, "root", dir.path()).await == *want,
+                "point {}",
+                p.id
+            );
         }
         // Grain-range fetches of a patch and of a standalone chunk.
         let mut x = 5u64;
@@ -187,7 +193,12 @@ fn patches_restore_fetch_rollback_verify_and_survive_gc() {
         let report = gc::gc(&space, &opts, &NoProgress).await.unwrap();
         assert!(report.chunks_deleted > 0, "{report:?}");
         assert!(restored(&space, last, "root", dir.path()).await == points.last().unwrap().1);
-        assert!(verify::verify(&space, &[], 4, &NoProgress).await.unwrap().is_clean());
+        assert!(
+            verify::verify(&space, &[], 4, &NoProgress)
+                .await
+                .unwrap()
+                .is_clean()
+        );
         // A damaged base is found through the patch that reads it.
         let (&pos, &base) = idx.bases.iter().next().unwrap();
         let path = root.join(layout::chunk_key(&base));
@@ -197,7 +208,10 @@ fn patches_restore_fetch_rollback_verify_and_survive_gc() {
         std::fs::write(&path, &bytes).unwrap();
         let report = verify::verify(&space, &[], 4, &NoProgress).await.unwrap();
         assert!(
-            report.damage.iter().any(|d| d.chunk == Some(idx.chunks[pos as usize])),
+            report
+                .damage
+                .iter()
+                .any(|d| d.chunk == Some(idx.chunks[pos as usize])),
             "{:?}",
             report.damage
         );

@@ -235,11 +235,7 @@ fn damage_exits_3() {
     let target = dir.path().join("restored.img");
     let r = run(&["point", "restore", p(&space), &id, p(&target)]);
     assert_eq!(r.code, 3);
-    assert!(
-        r.stderr.contains("is damaged: "),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("is damaged: "), "{}", r.stderr);
     assert!(!target.exists());
 
     // Repair: quarantine the damaged chunks; a new point of the same disk stores them
