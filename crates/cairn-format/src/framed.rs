@@ -160,7 +160,12 @@ pub fn root_of(cvs: &[ChainingValue], plain_len: usize, grain: usize) -> ChunkId
         }
         let left = left_subtree_len(len);
         let l = subtree(cvs, first, left, grain);
-        let r = subtree(cvs, first + (left / grain) as usize, len - left, grain);
+        let r = subtree(
+            cvs,
+            first + usize::try_from(left / grain).expect("grain index fits: below plain_len"),
+            len - left,
+            grain,
+        );
         merge_subtrees_non_root(&l, &r, Mode::Hash)
     }
     if cvs.len() == 1 {
@@ -169,7 +174,12 @@ pub fn root_of(cvs: &[ChainingValue], plain_len: usize, grain: usize) -> ChunkId
     let (len, g) = (plain_len as u64, grain as u64);
     let left = left_subtree_len(len);
     let l = subtree(cvs, 0, left, g);
-    let r = subtree(cvs, (left / g) as usize, len - left, g);
+    let r = subtree(
+        cvs,
+        usize::try_from(left / g).expect("grain index fits: below plain_len"),
+        len - left,
+        g,
+    );
     ChunkId(*merge_subtrees_root(&l, &r, Mode::Hash).as_bytes())
 }
 

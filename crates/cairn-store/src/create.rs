@@ -754,7 +754,7 @@ async fn write_point(
                     }
                 }
                 let parent_ref = parent_index
-                    .filter(|p| (i as usize) < p.chunks.len())
+                    .filter(|p| (p.chunks.len() as u64) > i)
                     .map(|p| p.chunk_ref(i));
                 let (cid, outcome, read) = writer.chunk(image, start, end, parent_ref).await?;
                 Ok::<_, SpaceError>((i, cid, outcome, read, end - start))
