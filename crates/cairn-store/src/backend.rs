@@ -6,11 +6,13 @@
 //!
 //! Implementations:
 //! - [`ObjectStoreBackend`]: any `object_store` store. The local filesystem (the embedded
-//!   default; temp file, fsync, rename) and memory today; S3 is a configuration of it.
+//!   default; temp file, fsync, rename; chunks and patches staged and made durable in
+//!   batches, see `deferred`) and memory today; S3 is a configuration of it.
 //! - [`FaultBackend`]: a decorator that fails chosen calls, for tests.
 //! - [`HttpBackend`]: another location's space, through that location's space object
 //!   API (`/api/v1/space/objects`) with its bearer token.
 
+mod deferred;
 mod fault;
 pub mod http;
 mod object;
@@ -23,6 +25,7 @@ use futures::stream::BoxStream;
 pub use fault::{FaultBackend, FaultRule, Op, RequestCounts};
 pub use http::HttpBackend;
 pub use object::ObjectStoreBackend;
+pub(crate) use object::map_io;
 
 /// Metadata of one stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +98,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(all.slice(start..end))
     }
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), BackendError>;
+    /// Like `put` with [`PutMode::CreateNew`], for content-addressed objects that nothing
+    /// refers to before [`Backend::flush_deferred`] has returned (chunks, patches): the
+    /// object may appear at its key, and be durable, only at the next flush.
+    /// [`BackendError::AlreadyExists`] says the object is there or already on its way (the
+    /// same content, by its name); either way it is at its key after the next flush. By
+    /// default a plain `put`.
+    async fn put_deferred(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.put(key, data, PutMode::CreateNew).await
+    }
+    /// Makes every `put_deferred` that returned before this call durable and visible at
+    /// its key. By default nothing is deferred.
+    async fn flush_deferred(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Deletes an object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
     async fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, BackendError>;

@@ -304,7 +304,7 @@ impl Writer {
             .await?
             .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
         drop(permit);
-        let outcome = self.store(&key, sealed, len as u64).await?;
+        let outcome = self.store(&key, sealed, len as u64, suspect).await?;
         if suspect {
             // Stored again from good data: the quarantine is over (this heals every
             // point that references the chunk).
@@ -314,13 +314,24 @@ impl Writer {
         Ok((r, outcome, read))
     }
 
-    async fn store(&self, key: &str, sealed: Vec<u8>, plain: u64) -> Result<Outcome, SpaceError> {
+    /// Stores a new chunk or patch. Deferred (durable at the flush before the disk's
+    /// index is written, see `Backend::put_deferred`) unless `now`: a chunk that heals a
+    /// quarantined one is stored at once, as its quarantine marker goes next.
+    async fn store(
+        &self,
+        key: &str,
+        sealed: Vec<u8>,
+        plain: u64,
+        now: bool,
+    ) -> Result<Outcome, SpaceError> {
         let stored = sealed.len() as u64;
-        match self
-            .backend
-            .put(key, Bytes::from(sealed), PutMode::CreateNew)
-            .await
-        {
+        let data = Bytes::from(sealed);
+        let put = if now {
+            self.backend.put(key, data, PutMode::CreateNew).await
+        } else {
+            self.backend.put_deferred(key, data).await
+        };
+        match put {
             Ok(()) => Ok(Outcome::New { plain, stored }),
             // Written meanwhile by a concurrent task or writer: same content.
             Err(BackendError::AlreadyExists { .. }) => Ok(Outcome::Reused),
@@ -388,7 +399,12 @@ impl Writer {
         if !suspect && self.known.lock().expect("poisoned").contains(&id) {
             return Ok(Some((r, Outcome::Reused, read)));
         }
-        let outcome = self.store(&layout::chunk_key(&id), sealed, plain).await?;
+        let key = layout::chunk_key(&id);
+        if !suspect && self.backend.stat(&key).await?.is_some() {
+            self.known.lock().expect("poisoned").insert(id);
+            return Ok(Some((r, Outcome::Reused, read)));
+        }
+        let outcome = self.store(&key, sealed, plain, suspect).await?;
         if suspect {
             self.backend.delete(&layout::damaged_key(&id)).await?;
         }
@@ -504,7 +520,7 @@ impl Writer {
             base: Some(base),
         };
         let outcome = self
-            .store(&layout::object_key(&r), sealed, patch_bytes)
+            .store(&layout::object_key(&r), sealed, patch_bytes, false)
             .await?;
         Ok(Some((r, outcome, read)))
     }
@@ -784,6 +800,8 @@ async fn write_point(
             chunks: ids,
             bases: patch_bases,
         };
+        // Every chunk and patch the index names is durable before the index is written.
+        space.backend().flush_deferred().await?;
         let encoded = index.encode();
         let checksum = DiskIndex::checksum_of(&encoded);
         let key = layout::index_key(&id, &source.name);

@@ -124,6 +124,18 @@ impl Backend for FaultBackend {
         self.inner.put(key, data, mode).await
     }
 
+    async fn put_deferred(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.check(Op::Put, key)?;
+        self.counts
+            .put_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.inner.put_deferred(key, data).await
+    }
+
+    async fn flush_deferred(&self) -> Result<(), BackendError> {
+        self.inner.flush_deferred().await
+    }
+
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         self.check(Op::Delete, key)?;
         self.inner.delete(key).await

@@ -9,6 +9,7 @@ use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
 
+use super::deferred::{self, Deferred};
 use super::{Backend, BackendError, ObjectInfo, PutMode};
 
 /// A recovery space stored in an `object_store` store.
@@ -18,6 +19,8 @@ pub struct ObjectStoreBackend {
     describe: String,
     /// The folder of a local space, for cleaning up staging files.
     local_root: Option<std::path::PathBuf>,
+    /// A local space's staging folder for `put_deferred`, made at the first use.
+    deferred: Arc<std::sync::OnceLock<Deferred>>,
 }
 
 impl ObjectStoreBackend {
@@ -27,11 +30,13 @@ impl ObjectStoreBackend {
             store,
             describe: describe.into(),
             local_root: None,
+            deferred: Arc::default(),
         }
     }
 
     /// A space in a local folder, which must exist. Writes go to a temp file that is
-    /// fsynced and renamed into place, and the directory is fsynced.
+    /// fsynced and renamed into place, and the directory is fsynced; `put_deferred`
+    /// stages instead and makes a batch durable at once (see `deferred`).
     pub fn local(root: &FsPath) -> Result<Self, BackendError> {
         let store = object_store::local::LocalFileSystem::new_with_prefix(root)
             .map_err(|e| map_error(&root.display().to_string(), e))?
@@ -153,7 +158,7 @@ pub(crate) fn map_error(key: &str, e: object_store::Error) -> BackendError {
     }
 }
 
-fn map_io(key: &str, io: &std::io::Error) -> BackendError {
+pub(crate) fn map_io(key: &str, io: &std::io::Error) -> BackendError {
     use std::io::ErrorKind;
     match io.kind() {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => BackendError::NoSpace {
@@ -220,6 +225,38 @@ impl Backend for ObjectStoreBackend {
             .map_err(|e| map_error(key, e))
     }
 
+    async fn put_deferred(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        let Some(root) = &self.local_root else {
+            return self.put(key, data, PutMode::CreateNew).await;
+        };
+        let staging = match self.deferred.get() {
+            Some(d) => d,
+            None => {
+                let d = Deferred::open(root).map_err(|e| map_io(deferred::DEFERRED_DIR, &e))?;
+                // A concurrent first use may have won: its folder is used, this one dropped.
+                let _ = self.deferred.set(d);
+                self.deferred.get().expect("just set")
+            }
+        };
+        let staged = staging.stage(key, data).await?;
+        if staged.flush {
+            staging.flush().await?;
+        }
+        if staged.duplicate {
+            return Err(BackendError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn flush_deferred(&self) -> Result<(), BackendError> {
+        match self.deferred.get() {
+            Some(d) => d.flush().await,
+            None => Ok(()),
+        }
+    }
+
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         match self.store.delete(&path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -273,14 +310,16 @@ impl Backend for ObjectStoreBackend {
             return Ok(0);
         };
         let cutoff = std::time::SystemTime::from(older_than);
-        tokio::task::spawn_blocking(move || remove_staging(&root, cutoff))
-            .await
-            .map_err(|e| BackendError::Io {
-                key: String::new(),
-                detail: e.to_string(),
-                retryable: false,
-            })?
-            .map_err(|e| map_io("staging files", &e))
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, std::io::Error>(remove_staging(&root, cutoff)? + deferred::remove_dead(&root)?)
+        })
+        .await
+        .map_err(|e| BackendError::Io {
+            key: String::new(),
+            detail: e.to_string(),
+            retryable: false,
+        })?
+        .map_err(|e| map_io("staging files", &e))
     }
 
     fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, BackendError>> {
@@ -322,7 +361,10 @@ fn remove_staging(dir: &FsPath, cutoff: std::time::SystemTime) -> std::io::Resul
     for entry in entries {
         let entry = entry?;
         let Ok(ft) = entry.file_type() else { continue };
-        if ft.is_dir() {
+        if ft.is_dir() && entry.file_name() == deferred::DEFERRED_DIR {
+            // Staging folders of `put_deferred`: alive while their process holds the
+            // lock, whatever their age (`deferred::remove_dead`).
+        } else if ft.is_dir() {
             removed += remove_staging(&entry.path(), cutoff)?;
         } else if ft.is_file() && entry.file_name().to_string_lossy().contains('#') {
             let old = match entry.metadata().and_then(|m| m.modified()) {

@@ -4,6 +4,7 @@
 
 mod common;
 mod corruption;
+mod deferred;
 mod faults;
 mod gc;
 mod model;
