@@ -102,8 +102,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// refers to before [`Backend::flush_deferred`] has returned (chunks, patches): the
     /// object may appear at its key, and be durable, only at the next flush.
     /// [`BackendError::AlreadyExists`] says the object is there or already on its way (the
-    /// same content, by its name); either way it is at its key after the next flush. By
-    /// default a plain `put`.
+    /// same content, by its name); either way it is at its key after the next flush. A
+    /// staging store may also return `Ok` for a key already stored (a local folder finds
+    /// out only at the flush, and keeps the stored object): a caller that counts new
+    /// objects `stat`s first. By default a plain `put`.
     async fn put_deferred(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         self.put(key, data, PutMode::CreateNew).await
     }

@@ -355,9 +355,10 @@ impl Writer {
             return Ok(None);
         }
         let img = image.clone();
-        let codecs = self.codecs.clone();
         let permit = self.cpu.acquire().await.expect("semaphore open");
-        let (sealed, plain, read) = self
+        // The id comes from the grains' chaining values: a chunk already stored is not
+        // compressed (as in the whole-chunk path).
+        let (data, cvs, plain, read) = self
             .on_cpu(move || {
                 let mut cvs: Vec<_> = framed::zero_cvs(len).to_vec();
                 let mut data: Vec<Option<Vec<u8>>> = vec![None; n];
@@ -374,26 +375,14 @@ impl Writer {
                     }
                 }
                 img.taken(start, end);
-                if plain == 0 {
-                    return Ok::<_, SpaceError>((None, 0, read));
-                }
-                let grains: Vec<framed::Grain> = data
-                    .iter()
-                    .map(|d| match d {
-                        Some(d) => framed::Grain::Data(d),
-                        None => framed::Grain::Zero,
-                    })
-                    .collect();
-                let sealed = codecs
-                    .with(|c| framed::seal(c.compressor(), len, None, &grains, &cvs))
-                    .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
-                Ok((Some(sealed), plain, read))
+                Ok::<_, SpaceError>((data, cvs, plain, read))
             })
             .await??;
         drop(permit);
-        let Some((id, sealed)) = sealed else {
+        if plain == 0 {
             return Ok(Some((ChunkRef::plain(ChunkId::ZERO), Outcome::Zero, read)));
-        };
+        }
+        let id = framed::root_of(&cvs, len, framed::GRAIN);
         let r = ChunkRef::plain(id);
         let suspect = self.quarantined.contains(&id);
         if !suspect && self.known.lock().expect("poisoned").contains(&id) {
@@ -404,7 +393,28 @@ impl Writer {
             self.known.lock().expect("poisoned").insert(id);
             return Ok(Some((r, Outcome::Reused, read)));
         }
-        let outcome = self.store(&key, sealed, plain, suspect).await?;
+        let codecs = self.codecs.clone();
+        let permit = self.cpu.acquire().await.expect("semaphore open");
+        let sealed = self
+            .on_cpu(move || {
+                let grains: Vec<framed::Grain> = data
+                    .iter()
+                    .map(|d| match d {
+                        Some(d) => framed::Grain::Data(d),
+                        None => framed::Grain::Zero,
+                    })
+                    .collect();
+                codecs
+                    .with(|c| framed::seal(c.compressor(), len, None, &grains, &cvs))
+                    .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
+            })
+            .await??;
+        drop(permit);
+        debug_assert_eq!(
+            sealed.0, id,
+            "the sealed chunk's id is its chaining values' root"
+        );
+        let outcome = self.store(&key, sealed.1, plain, suspect).await?;
         if suspect {
             self.backend.delete(&layout::damaged_key(&id)).await?;
         }

@@ -69,7 +69,8 @@ pub(crate) struct Staged {
     pub(crate) duplicate: bool,
 }
 
-fn blocking_error(key: &str, e: tokio::task::JoinError) -> BackendError {
+/// A blocking task that failed to finish (panicked or cancelled), as an I/O error.
+pub(crate) fn blocking_error(key: &str, e: tokio::task::JoinError) -> BackendError {
     BackendError::Io {
         key: key.to_string(),
         detail: e.to_string(),

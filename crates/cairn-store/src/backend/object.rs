@@ -314,11 +314,7 @@ impl Backend for ObjectStoreBackend {
             Ok::<_, std::io::Error>(remove_staging(&root, cutoff)? + deferred::remove_dead(&root)?)
         })
         .await
-        .map_err(|e| BackendError::Io {
-            key: String::new(),
-            detail: e.to_string(),
-            retryable: false,
-        })?
+        .map_err(|e| deferred::blocking_error("staging files", e))?
         .map_err(|e| map_io("staging files", &e))
     }
 

@@ -97,17 +97,56 @@ fn lcg(x: &mut u64) -> u64 {
     *x >> 33
 }
 
+/// A space in a local folder `space` under `dir`.
+async fn local_space(dir: &std::path::Path) -> Space {
+    let root = dir.join("space");
+    std::fs::create_dir_all(&root).unwrap();
+    let backend: Arc<dyn cairn_store::backend::Backend> =
+        Arc::new(cairn_store::backend::ObjectStoreBackend::local(&root).unwrap());
+    Space::init(backend, SpaceConfig::new(CHUNK, 3).unwrap())
+        .await
+        .unwrap()
+}
+
+#[test]
+fn a_zero_chunk_written_in_one_grain_reads_one_grain_and_dedups_before_compressing() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let space = local_space(dir.path()).await;
+        let mut content = noise(3, SIZE as usize);
+        content[2 * CHUNK as usize..4 * CHUNK as usize].fill(0); // two zero chunks
+        let t = Arc::new(Tracked {
+            data: Mutex::new(content),
+            base: Mutex::new(None),
+            changed: Mutex::new(BTreeSet::new()),
+        });
+        take(&space, &t).await;
+        let bytes = noise(11, 4096);
+        t.write(2 * CHUNK + 100, &bytes);
+        let r = take(&space, &t).await;
+        assert_eq!(r.stats.bytes_read, GRAIN, "{:?}", r.stats);
+        assert_eq!(r.stats.chunks_new, 1, "{:?}", r.stats);
+        assert!(restored(&space, &r, "root", dir.path()).await == *t.data.lock().unwrap());
+        // The same bytes at the same place of the other zero chunk: the same chunk, found
+        // stored by its id and not stored again.
+        t.write(3 * CHUNK + 100, &bytes);
+        let r = take(&space, &t).await;
+        assert_eq!(r.stats.bytes_read, GRAIN, "{:?}", r.stats);
+        assert_eq!(
+            (r.stats.chunks_new, r.stats.bytes_written),
+            (0, 0),
+            "{:?}",
+            r.stats
+        );
+        assert!(restored(&space, &r, "root", dir.path()).await == *t.data.lock().unwrap());
+    });
+}
+
 #[test]
 fn patches_restore_fetch_rollback_verify_and_survive_gc() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("space");
-        std::fs::create_dir_all(&root).unwrap();
-        let backend: Arc<dyn cairn_store::backend::Backend> =
-            Arc::new(cairn_store::backend::ObjectStoreBackend::local(&root).unwrap());
-        let space = Space::init(backend, SpaceConfig::new(CHUNK, 3).unwrap())
-            .await
-            .unwrap();
+        let space = local_space(dir.path()).await;
         let mut content = noise(7, SIZE as usize);
         content[2 * CHUNK as usize..3 * CHUNK as usize].fill(0); // a zero chunk
         let t = Arc::new(Tracked {
@@ -201,7 +240,7 @@ fn patches_restore_fetch_rollback_verify_and_survive_gc() {
         );
         // A damaged base is found through the patch that reads it.
         let (&pos, &base) = idx.bases.iter().next().unwrap();
-        let path = root.join(layout::chunk_key(&base));
+        let path = dir.path().join("space").join(layout::chunk_key(&base));
         let mut bytes = std::fs::read(&path).unwrap();
         let n = bytes.len();
         bytes[n - 10] ^= 0x55;
