@@ -29,6 +29,15 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// A disk holding `content`, with no point yet.
+    fn new(content: Vec<u8>) -> Arc<Tracked> {
+        Arc::new(Tracked {
+            data: Mutex::new(content),
+            base: Mutex::new(None),
+            changed: Mutex::new(BTreeSet::new()),
+        })
+    }
+
     fn write(&self, at: u64, bytes: &[u8]) {
         self.data.lock().unwrap()[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
         let mut c = self.changed.lock().unwrap();
@@ -115,11 +124,7 @@ fn a_zero_chunk_written_in_one_grain_reads_one_grain_and_dedups_before_compressi
         let space = local_space(dir.path()).await;
         let mut content = noise(3, SIZE as usize);
         content[2 * CHUNK as usize..4 * CHUNK as usize].fill(0); // two zero chunks
-        let t = Arc::new(Tracked {
-            data: Mutex::new(content),
-            base: Mutex::new(None),
-            changed: Mutex::new(BTreeSet::new()),
-        });
+        let t = Tracked::new(content);
         take(&space, &t).await;
         let bytes = noise(11, 4096);
         t.write(2 * CHUNK + 100, &bytes);
@@ -149,11 +154,7 @@ fn patches_restore_fetch_rollback_verify_and_survive_gc() {
         let space = local_space(dir.path()).await;
         let mut content = noise(7, SIZE as usize);
         content[2 * CHUNK as usize..3 * CHUNK as usize].fill(0); // a zero chunk
-        let t = Arc::new(Tracked {
-            data: Mutex::new(content),
-            base: Mutex::new(None),
-            changed: Mutex::new(BTreeSet::new()),
-        });
+        let t = Tracked::new(content);
         let mut points = vec![(take(&space, &t).await, t.data.lock().unwrap().clone())];
         let mut seed = 42u64;
         for round in 0..6u64 {
