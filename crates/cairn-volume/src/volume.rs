@@ -8,12 +8,12 @@
 //!   point reads the whole disk and compares hashes).
 //! - **Snapshots** ([`Volume::begin_snapshot`]): under the write gate (no write in
 //!   flight), the map is swapped for an empty one and the frozen map says which chunks
-//!   the point must read. Until the point has read a grain (64 KiB) of those chunks, the
-//!   first write to it copies the old grain to a local buffer file (copy-before-write);
-//!   the point reads grains from the buffer where saved, from the disk elsewhere. Each
-//!   grain has its own state (two bits, changed by compare-and-swap): a guest write
-//!   never waits for the point's reader, only (rarely) for another write copying the
-//!   same grain.
+//!   the point must read. Until the point has read a unit (4 KiB on disks up to 256 GiB,
+//!   see [`cow_unit`]) of those chunks, the first write to it copies the old unit to a
+//!   local buffer file (copy-before-write); the point reads units from the buffer where
+//!   saved, from the disk elsewhere. Each unit has its own state (two bits, changed by
+//!   compare-and-swap): a guest write never waits for the point's reader, only (rarely)
+//!   for another write copying the same unit.
 //! - **Clones**: see [`crate::clone`]; reads and writes of chunks not yet copied from the
 //!   recovery point fetch them first (copy-on-read).
 
@@ -36,8 +36,21 @@ use crate::error::VolumeError;
 use crate::mapfile;
 use crate::pool::{DiskMeta, DiskPaths, Pool};
 
-/// Changed-block tracking granularity, and the copy-before-write unit.
+/// Changed-block tracking granularity.
 pub const GRAIN: u64 = 64 * 1024;
+/// The smallest copy-before-write unit: a guest's 4 KiB write preserves 4 KiB, not a grain.
+const COW_MIN: u64 = 4096;
+/// Copy-before-write state is kept for at most about this many units (2 bits each, so
+/// 16 MiB while a point is taken); larger disks get larger units, up to a grain.
+const COW_UNITS: u64 = 1 << 26;
+
+/// The copy-before-write unit of a disk of `size` bytes: 4 KiB up to 256 GiB, then
+/// doubling, at most a grain (which divides it evenly: chunks are whole grains).
+fn cow_unit(size: u64) -> u64 {
+    size.div_ceil(COW_UNITS)
+        .next_power_of_two()
+        .clamp(COW_MIN, GRAIN)
+}
 /// Requests up to this size do their file I/O on the runtime thread.
 const INLINE_IO: u64 = 256 * 1024;
 
@@ -92,29 +105,29 @@ pub fn read_cbt(paths: &DiskPaths, size: u64) -> Result<Option<(BaseRef, Bitmap)
     })
 }
 
-/// Copy-before-write state of a grain while a point is taken. The transitions are
-/// `KEEP → SAVING → SAVED` (a guest write copies the grain to the buffer first; an error
-/// while copying goes back `SAVING → KEEP`) and `KEEP → FREE` (the point has read it);
-/// `FREE` and `SAVED` are final. While a grain is `KEEP` or `SAVING` the data file holds
-/// its frozen content (a write to it waits for `SAVED` or `FREE`); once `SAVED` the
-/// buffer does.
+/// Copy-before-write state of a unit (see [`cow_unit`]) while a point is taken. The
+/// transitions are `KEEP → SAVING → SAVED` (a guest write copies the unit to the buffer
+/// first; an error while copying goes back `SAVING → KEEP`) and `KEEP → FREE` (the point
+/// has read it); `FREE` and `SAVED` are final. While a unit is `KEEP` or `SAVING` the
+/// data file holds its frozen content (a write to it waits for `SAVED` or `FREE`); once
+/// `SAVED` the buffer does.
 const FREE: u64 = 0;
 const KEEP: u64 = 1;
 const SAVING: u64 = 2;
 const SAVED: u64 = 3;
 const PER_WORD: u64 = 32;
 
-/// Two bits per grain in atomic words.
-struct GrainStates {
-    grains: u64,
+/// Two bits per copy-before-write unit in atomic words.
+struct UnitStates {
+    units: u64,
     words: Vec<AtomicU64>,
 }
 
-impl GrainStates {
-    fn new(grains: u64) -> GrainStates {
-        let n = usize::try_from(grains.div_ceil(PER_WORD)).expect("fits in memory");
-        GrainStates {
-            grains,
+impl UnitStates {
+    fn new(units: u64) -> UnitStates {
+        let n = usize::try_from(units.div_ceil(PER_WORD)).expect("fits in memory");
+        UnitStates {
+            units,
             words: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -131,9 +144,9 @@ impl GrainStates {
         (self.words[w].load(Ordering::SeqCst) >> shift) & 3
     }
 
-    /// Sets grains `[a, b)` (all `FREE`) to `KEEP`; before the snapshot is shared.
+    /// Sets units `[a, b)` (all `FREE`) to `KEEP`; before the snapshot is shared.
     fn keep(&self, a: u64, b: u64) {
-        let b = b.min(self.grains);
+        let b = b.min(self.units);
         let mut g = a;
         while g < b {
             let (w, shift) = Self::at(g);
@@ -148,7 +161,7 @@ impl GrainStates {
         }
     }
 
-    /// Moves grain `g` from `from` to `to`; on failure returns its state.
+    /// Moves unit `g` from `from` to `to`; on failure returns its state.
     fn swap(&self, g: u64, from: u64, to: u64) -> Result<(), u64> {
         let (w, shift) = Self::at(g);
         let mask = 3u64 << shift;
@@ -160,18 +173,20 @@ impl GrainStates {
             .map_err(|word| (word & mask) >> shift)
     }
 
-    /// Whether any grain of `[a, b)` is in one of `states` (a bit set of states).
+    /// Whether any unit of `[a, b)` is in one of `states` (a bit set of states).
     fn any(&self, a: u64, b: u64, states: u8) -> bool {
-        (a..b.min(self.grains)).any(|g| states & (1 << self.get(g)) != 0)
+        (a..b.min(self.units)).any(|g| states & (1 << self.get(g)) != 0)
     }
 }
 
 /// The frozen state of one disk while a recovery point is taken of it.
 pub(crate) struct Snap {
-    /// Per grain: where its frozen content is, and whether the point still needs it.
-    grains: GrainStates,
+    /// The copy-before-write unit (bytes, a power of two dividing a grain).
+    unit: u64,
+    /// Per unit: where its frozen content is, and whether the point still needs it.
+    states: UnitStates,
     buffer: File,
-    /// Writers (or the reader) waiting for a grain being saved.
+    /// Writers (or the reader) waiting for a unit being saved.
     waiters: AtomicUsize,
     parked: Mutex<()>,
     saved: Condvar,
@@ -181,10 +196,15 @@ pub(crate) struct Snap {
 }
 
 impl Snap {
-    /// Waits while grain `g` is being saved by a write; returns its state then.
+    /// The units `[first, end)` covering `[offset, offset+len)`.
+    fn units(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset / self.unit, (offset + len).div_ceil(self.unit))
+    }
+
+    /// Waits while unit `g` is being saved by a write; returns its state then.
     fn wait_saving(&self, g: u64) -> u64 {
         for _ in 0..100 {
-            let s = self.grains.get(g);
+            let s = self.states.get(g);
             if s != SAVING {
                 return s;
             }
@@ -193,7 +213,7 @@ impl Snap {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut parked = self.parked.lock().expect("poisoned");
         let s = loop {
-            let s = self.grains.get(g);
+            let s = self.states.get(g);
             if s != SAVING {
                 break s;
             }
@@ -208,11 +228,11 @@ impl Snap {
         s
     }
 
-    /// Ends the saving of grain `g` (to `SAVED`, or back to `KEEP` after an error).
+    /// Ends the saving of unit `g` (to `SAVED`, or back to `KEEP` after an error).
     fn saved(&self, g: u64, to: u64) {
-        self.grains
+        self.states
             .swap(g, SAVING, to)
-            .expect("only the saver changes a grain being saved");
+            .expect("only the saver changes a unit being saved");
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _parked = self.parked.lock().expect("poisoned");
             self.saved.notify_all();
@@ -415,26 +435,27 @@ impl Volume {
         let Some(snap) = self.snap.lock().expect("poisoned").clone() else {
             return Ok(());
         };
-        let (g0, g1) = grains(offset, len);
+        let (g0, g1) = snap.units(offset, len);
         let mut buf = Vec::new();
         for g in g0..g1 {
-            let mut state = snap.grains.get(g);
+            let mut state = snap.states.get(g);
             loop {
                 match state {
                     FREE | SAVED => break,
                     SAVING => state = snap.wait_saving(g),
-                    _ => match snap.grains.swap(g, KEEP, SAVING) {
+                    _ => match snap.states.swap(g, KEEP, SAVING) {
                         Err(now) => state = now,
                         Ok(()) => {
-                            // Nothing writes this grain until it is SAVED: the data file
+                            // Nothing writes this unit until it is SAVED: the data file
                             // still holds the frozen content.
                             #[cfg(test)]
                             std::thread::sleep(std::time::Duration::from_micros(
                                 tests::SAVE_PAUSE_US.load(Ordering::Relaxed),
                             ));
-                            let start = g * GRAIN;
+                            let start = g * snap.unit;
                             buf.resize(
-                                usize::try_from(GRAIN.min(self.size - start)).expect("small"),
+                                usize::try_from(snap.unit.min(self.size - start))
+                                    .expect("small"),
                                 0,
                             );
                             let copied = self
@@ -508,7 +529,7 @@ impl Volume {
         let len = data.len() as u64;
         let guard = self.before_change(offset, len).await?;
         // Copy-before-write never waits for the point's reader: at most one local read
-        // and write of each grain, like the write itself.
+        // and write of each unit, like the write itself.
         self.run(len <= INLINE_IO && !fua, move |v| {
             v.preserve(offset, len)?;
             v.file.write_all_at(&data, offset)?;
@@ -681,20 +702,26 @@ impl Volume {
             std::mem::replace(&mut *cbt, Arc::new(Bitmap::new(self.size.div_ceil(GRAIN))))
         };
         let base = self.change_base();
-        // The grains of every chunk the point reads: all, or those of changed chunks.
-        let states = GrainStates::new(self.size.div_ceil(GRAIN));
-        let per_chunk = chunk.div_ceil(GRAIN).max(1);
+        // The units of every chunk the point reads: all, or those of changed chunks.
+        let unit = cow_unit(self.size);
+        #[cfg(test)]
+        let unit = match tests::UNIT.load(Ordering::Relaxed) {
+            0 => unit,
+            u => u,
+        };
+        let states = UnitStates::new(self.size.div_ceil(unit));
+        let per_chunk = chunk.div_ceil(unit).max(1);
         if base.is_some() {
             let mut last = None;
             for g in frozen.ones() {
-                let c = g / per_chunk;
+                let c = g * GRAIN / (per_chunk * unit);
                 if last != Some(c) {
                     states.keep(c * per_chunk, (c + 1) * per_chunk);
                     last = Some(c);
                 }
             }
         } else {
-            states.keep(0, states.grains);
+            states.keep(0, states.units);
         }
         let buffer = std::fs::OpenOptions::new()
             .read(true)
@@ -709,7 +736,8 @@ impl Volume {
             .set_len(self.size)
             .map_err(|e| VolumeError::io("cannot size the snapshot buffer", &self.paths.cow, e))?;
         *self.snap.lock().expect("poisoned") = Some(Arc::new(Snap {
-            grains: states,
+            unit,
+            states,
             buffer,
             waiters: AtomicUsize::new(0),
             parked: Mutex::new(()),
@@ -797,8 +825,8 @@ impl ChunkSource for SnapSource {
             Err(rustix::io::Errno::NXIO) => false,
             Err(_) => true,
         };
-        let (g0, g1) = grains(start, end - start);
-        data || self.snap.grains.any(g0, g1, 1 << SAVING | 1 << SAVED)
+        let (g0, g1) = self.snap.units(start, end - start);
+        data || self.snap.states.any(g0, g1, 1 << SAVING | 1 << SAVED)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SpaceError> {
@@ -810,7 +838,7 @@ impl ChunkSource for SnapSource {
                 .block_on(c.ensure_present(&self.volume.file, offset, len))
                 .map_err(err)?;
         }
-        // The whole range from the data file at once; then each grain is taken (it was
+        // The whole range from the data file at once; then each unit is taken (it was
         // not written meanwhile: what was read is its frozen content) or, where a write
         // saved it first, read again from the buffer.
         self.volume.file.read_exact_at(buf, offset).map_err(err)?;
@@ -818,14 +846,15 @@ impl ChunkSource for SnapSource {
         std::thread::sleep(std::time::Duration::from_micros(
             tests::READ_PAUSE_US.load(Ordering::Relaxed),
         ));
-        let (g0, g1) = grains(offset, len);
+        let (g0, g1) = self.snap.units(offset, len);
+        let unit = self.snap.unit;
         for g in g0..g1 {
-            let from = (g * GRAIN).max(offset);
-            let to = ((g + 1) * GRAIN).min(offset + len);
-            let mut state = self.snap.grains.get(g);
+            let from = (g * unit).max(offset);
+            let to = ((g + 1) * unit).min(offset + len);
+            let mut state = self.snap.states.get(g);
             loop {
                 match state {
-                    KEEP => match self.snap.grains.swap(g, KEEP, FREE) {
+                    KEEP => match self.snap.states.swap(g, KEEP, FREE) {
                         Ok(()) => break,
                         Err(now) => state = now,
                     },
@@ -838,7 +867,7 @@ impl ChunkSource for SnapSource {
                     }
                     _ => {
                         return Err(SpaceError::Internal(format!(
-                            "{}: grain {g} read twice, or outside the frozen chunks",
+                            "{}: copy-before-write unit {g} read twice, or outside the frozen chunks",
                             self.describe()
                         )));
                     }
@@ -861,10 +890,10 @@ impl ChunkSource for SnapSource {
     }
 
     fn taken(&self, start: u64, end: u64) {
-        let (g0, g1) = grains(start, end - start);
+        let (g0, g1) = self.snap.units(start, end - start);
         for g in g0..g1 {
             // Read already (FREE), saved, or being saved: nothing to do.
-            let _ = self.snap.grains.swap(g, KEEP, FREE);
+            let _ = self.snap.states.swap(g, KEEP, FREE);
         }
     }
 }
@@ -932,6 +961,22 @@ mod tests {
     /// A pause of a write saving a grain before it copies it: other writes to the grain
     /// arrive meanwhile.
     pub(super) static SAVE_PAUSE_US: AtomicU64 = AtomicU64::new(0);
+    /// The copy-before-write unit of the next snapshot (0: the disk's own).
+    pub(super) static UNIT: AtomicU64 = AtomicU64::new(0);
+
+    #[test]
+    fn copy_before_write_units_stay_small_and_bounded() {
+        assert_eq!(cow_unit(1 << 20), 4096);
+        assert_eq!(cow_unit(16 << 30), 4096);
+        assert_eq!(cow_unit(256 << 30), 4096);
+        assert_eq!(cow_unit((256 << 30) + 1), 8192);
+        assert_eq!(cow_unit(1 << 40), 16384);
+        assert_eq!(cow_unit(64 << 40), GRAIN);
+        assert_eq!(cow_unit(u64::MAX / 2), GRAIN);
+        for size in [1u64 << 30, 1 << 40, 4 << 40] {
+            assert!(size.div_ceil(cow_unit(size)) <= COW_UNITS);
+        }
+    }
 
     struct Rng(u64);
     impl Rng {
@@ -951,7 +996,8 @@ mod tests {
 
     /// Guest writes (and trims) race the point's reader on the very grains of the chunks
     /// it is reading: every chunk the point reads is exactly the disk at the freeze, and
-    /// no write is lost. Full and incremental snapshots, large chunks (16 grains).
+    /// no write is lost. Full and incremental snapshots, large chunks (16 grains), 4 KiB
+    /// and 64 KiB copy-before-write units.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_of_a_snapshot_race_writes_to_the_same_grains() {
         const SIZE: u64 = 8 << 20;
@@ -976,6 +1022,8 @@ mod tests {
         for round in 0..24u64 {
             READ_PAUSE_US.store(if round % 4 < 2 { 0 } else { 3000 }, Ordering::Relaxed);
             SAVE_PAUSE_US.store(if round % 3 == 0 { 200 } else { 0 }, Ordering::Relaxed);
+            // 4 KiB units (the disk's own), and grains: writers then share units.
+            UNIT.store(if round % 5 < 3 { 0 } else { GRAIN }, Ordering::Relaxed);
             let gate = vol.gate_exclusive().await;
             vol.begin_snapshot(CHUNK).unwrap();
             let frozen = std::fs::read(&data).unwrap();
@@ -1093,6 +1141,7 @@ mod tests {
             );
             previous = Some(frozen);
         }
+        UNIT.store(0, Ordering::Relaxed);
         vol.close().await.unwrap();
     }
 }
