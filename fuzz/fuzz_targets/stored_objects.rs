@@ -1,5 +1,5 @@
-//! Every decoder of stored bytes, fed arbitrary input: none may panic, and a chunk that
-//! opens must hash to the id it was opened under.
+//! Every decoder of stored bytes, fed arbitrary input: none may panic, and a chunk (or a
+//! patch over its base) that opens must hash to the id it was opened under.
 #![no_main]
 
 use cairn_format::chunk::open_chunk;
@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
-    match selector % 4 {
+    match selector % 5 {
         0 => {
             let id = ChunkId::of(b"fuzz");
             if let Ok(plain) = open_chunk(rest, &id) {
@@ -25,6 +25,17 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => {
             let _ = PointRecord::decode(rest);
+        }
+        3 => {
+            // A framed patch (base and delta grains) over a base of the length it claims.
+            if let Ok(h) = cairn_format::framed::parse_header(rest) {
+                let base = vec![7u8; h.plain_len];
+                let id = ChunkId::of(b"fuzz");
+                let mut out = Vec::new();
+                if cairn_format::framed::open_into(rest, Some(&base), &id, &mut out).is_ok() {
+                    assert_eq!(ChunkId::of(&out), id);
+                }
+            }
         }
         _ => {
             let _ = SpaceConfig::decode(rest);

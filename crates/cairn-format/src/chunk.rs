@@ -185,7 +185,7 @@ pub fn open_chunk_into(
     expected: &ChunkId,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
-    if stored.get(4) == Some(&crate::framed::VERSION) {
+    if crate::framed::is_framed(stored) {
         return crate::framed::open_into(stored, None, expected, out);
     }
     let header = check_stored(stored)?;

@@ -14,9 +14,26 @@
 //!     48    4 CRC-32C of bytes 0..48 followed by the table, u32 LE
 //!     52    4 reserved, 0
 //!     56 40·n table, per grain: stored length u32 LE, kind u8 (0 raw, 1 zstd frame,
-//!             2 zeros, 3 in the base chunk), 3 reserved zero bytes, chaining value (32)
-//! 56+40n    - the frames of the raw and zstd grains, in grain order
+//!             2 zeros, 3 in the base chunk, 4 delta over the base's grain), 3 reserved
+//!             zero bytes, chaining value (32)
+//! 56+40n    - the frames of the raw, zstd and delta grains, in grain order
 //! ```
+//!
+//! Envelope version 3 is version 2 plus kind 4, written only for a patch that holds a
+//! delta grain (so that a reader without kind 4 refuses it by version). A **delta** frame
+//! stores only the 4 KiB blocks (a sixteenth of a grain) of the grain that differ from
+//! the base's grain:
+//!
+//! ```text
+//!      0    2 block mask, u16 LE: bit i = block i (grain size / 16 bytes) is stored
+//!      2    1 payload codec: 0 raw, 1 zstd
+//!      3    1 reserved, 0
+//!      4    - payload: the stored blocks' content in block order (the last block of a
+//!             short grain is short), raw or one zstd frame
+//! ```
+//!
+//! Its chaining value is the whole grain's (the base's grain with the blocks written
+//! over it), so a delta grain is verified like any other once applied.
 //!
 //! The chaining values are those of BLAKE3's own tree (grains are aligned power-of-two
 //! subtrees), so merging them gives the chunk id — the BLAKE3 of the whole content, the
@@ -36,6 +53,17 @@ use crate::chunk::{ChunkError, MAGIC, MAX_PLAIN_LEN};
 use crate::id::ChunkId;
 
 pub const VERSION: u8 = 2;
+/// The version of a patch holding delta grains (kind 4).
+pub const VERSION_DELTA: u8 = 3;
+/// Blocks per grain in a delta frame's mask.
+pub const DELTA_BLOCKS: usize = 16;
+/// Bytes before a delta frame's payload.
+pub const DELTA_HEADER: usize = 4;
+
+/// Whether stored bytes are a framed envelope (version 2 or 3), not version 1.
+pub fn is_framed(stored: &[u8]) -> bool {
+    matches!(stored.get(4), Some(&(VERSION | VERSION_DELTA)))
+}
 /// The grain size Cairn writes.
 pub const GRAIN_SHIFT: u8 = 16;
 pub const GRAIN: usize = 1 << GRAIN_SHIFT;
@@ -49,6 +77,14 @@ pub enum Kind {
     Zstd = 1,
     Zero = 2,
     Base = 3,
+    Delta = 4,
+}
+
+impl Kind {
+    /// Whether decoding the grain needs the base's grain.
+    pub fn needs_base(self) -> bool {
+        matches!(self, Kind::Base | Kind::Delta)
+    }
 }
 
 /// One grain's table entry.
@@ -106,6 +142,39 @@ impl Header {
     pub fn table_len(&self) -> usize {
         HEADER_LEN + ENTRY_LEN * self.entries.len()
     }
+
+    /// The block size of delta frames.
+    pub fn block(&self) -> usize {
+        self.grain() / DELTA_BLOCKS
+    }
+}
+
+/// The byte ranges (within a grain of `grain_len` bytes, blocks of `block` bytes) of the
+/// blocks a delta mask names; `None` if it names a block past the grain's end.
+pub fn delta_blocks(
+    mask: u16,
+    grain_len: usize,
+    block: usize,
+) -> Option<impl Iterator<Item = std::ops::Range<usize>>> {
+    let blocks = grain_len.div_ceil(block);
+    if blocks < DELTA_BLOCKS && mask >> blocks != 0 {
+        return None;
+    }
+    Some(
+        (0..DELTA_BLOCKS)
+            .filter(move |b| mask & (1 << b) != 0)
+            .map(move |b| b * block..((b + 1) * block).min(grain_len)),
+    )
+}
+
+/// The mask of the delta blocks (of `block` bytes) that `[from, to)` (within a grain)
+/// touches.
+pub fn delta_mask(from: usize, to: usize, block: usize) -> u16 {
+    if from >= to {
+        return 0;
+    }
+    let (a, b) = (from / block, to.div_ceil(block).min(DELTA_BLOCKS));
+    (a..b).fold(0, |m, i| m | 1 << i)
 }
 
 /// The chaining value of grain `g` of a chunk with `grains` grains (the hash itself when
@@ -194,6 +263,9 @@ pub enum Grain<'a> {
     Base,
     /// Zeros.
     Zero,
+    /// The grain's whole new content, of which only the blocks in `mask` differ from the
+    /// base's grain: stored as a delta (kind 4).
+    Delta { mask: u16, data: &'a [u8] },
 }
 
 /// Seals grains into a framed envelope. `cvs` are the grains' chaining values (of the
@@ -216,6 +288,8 @@ pub fn seal(
     let table_end = HEADER_LEN + ENTRY_LEN * n;
     let mut out = vec![0u8; table_end];
     let mut scratch = Vec::new();
+    let mut blocks = Vec::new();
+    let mut delta = false;
     for (g, grain) in grains.iter().enumerate() {
         let (kind, stored) = match *grain {
             Grain::Data(d) if crate::zero::is_zero(d) => (Kind::Zero, 0),
@@ -232,8 +306,32 @@ pub fn seal(
                 }
             }
             Grain::Stored { kind, bytes } => {
+                delta |= kind == Kind::Delta;
                 out.extend_from_slice(bytes);
                 (kind, bytes.len())
+            }
+            Grain::Delta { mask, data } => {
+                assert!(base.is_some(), "a delta grain needs a base");
+                delta = true;
+                blocks.clear();
+                for r in delta_blocks(mask, data.len(), GRAIN / DELTA_BLOCKS)
+                    .expect("the mask fits the grain")
+                {
+                    blocks.extend_from_slice(&data[r]);
+                }
+                out.extend_from_slice(&mask.to_le_bytes());
+                scratch.clear();
+                scratch.reserve(zstd::zstd_safe::compress_bound(blocks.len()));
+                let c = compressor.compress_to_buffer(&blocks, &mut scratch)?;
+                if c < blocks.len() {
+                    out.extend_from_slice(&[1, 0]);
+                    out.extend_from_slice(&scratch[..c]);
+                    (Kind::Delta, DELTA_HEADER + c)
+                } else {
+                    out.extend_from_slice(&[0, 0]);
+                    out.extend_from_slice(&blocks);
+                    (Kind::Delta, DELTA_HEADER + blocks.len())
+                }
             }
             Grain::Base => {
                 assert!(base.is_some(), "a base grain needs a base");
@@ -247,7 +345,7 @@ pub fn seal(
         e[8..40].copy_from_slice(&cvs[g]);
     }
     out[0..4].copy_from_slice(MAGIC);
-    out[4] = VERSION;
+    out[4] = if delta { VERSION_DELTA } else { VERSION };
     out[5] = GRAIN_SHIFT;
     out[8..12].copy_from_slice(&u32::try_from(plain_len).expect("fits").to_le_bytes());
     out[12..16].copy_from_slice(&u32::try_from(n).expect("fits").to_le_bytes());
@@ -272,9 +370,10 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ChunkError> {
     if &bytes[0..4] != MAGIC {
         return Err(ChunkError::BadMagic);
     }
-    if bytes[4] != VERSION {
+    if !is_framed(bytes) {
         return Err(ChunkError::UnsupportedVersion(bytes[4]));
     }
+    let deltas = bytes[4] == VERSION_DELTA;
     if bytes[6] != 0 {
         return Err(ChunkError::Encrypted(bytes[6]));
     }
@@ -320,6 +419,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ChunkError> {
             1 => Kind::Zstd,
             2 => Kind::Zero,
             3 if base.is_some() => Kind::Base,
+            4 if base.is_some() && deltas => Kind::Delta,
             k => return Err(ChunkError::Table(format!("grain {g} has kind {k}"))),
         };
         let want = (g * grain..((g + 1) * grain).min(plain_len)).len();
@@ -327,6 +427,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ChunkError> {
             Kind::Raw => stored_len as usize == want,
             Kind::Zstd => (stored_len as usize) < want + 1024,
             Kind::Zero | Kind::Base => stored_len == 0,
+            Kind::Delta => {
+                (DELTA_HEADER..want + DELTA_HEADER + 1024).contains(&(stored_len as usize))
+            }
         };
         if !ok {
             return Err(ChunkError::Table(format!(
@@ -367,7 +470,47 @@ pub fn decode_grain(h: &Header, g: usize, frame: &[u8], out: &mut [u8]) -> Resul
                 });
             }
         }
-        Kind::Base => return Err(ChunkError::Table(format!("grain {g} is in the base"))),
+        Kind::Base | Kind::Delta => {
+            return Err(ChunkError::Table(format!("grain {g} needs its base")));
+        }
+    }
+    Ok(())
+}
+
+/// Applies delta grain `g`'s frame to `out`, which holds the base's grain (exactly the
+/// grain's length): the stored blocks are written over it.
+pub fn apply_delta(h: &Header, g: usize, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let bad = |what: &str| ChunkError::Table(format!("grain {g}: delta {what}"));
+    if frame.len() < DELTA_HEADER || frame[3] != 0 {
+        return Err(bad("frame too short or reserved byte set"));
+    }
+    let mask = u16::from_le_bytes([frame[0], frame[1]]);
+    let ranges: Vec<_> = delta_blocks(mask, out.len(), h.block())
+        .ok_or_else(|| bad("mask names blocks past the grain"))?
+        .collect();
+    let total: usize = ranges.iter().map(ExactSizeIterator::len).sum();
+    let payload = &frame[DELTA_HEADER..];
+    let decoded;
+    let plain = match frame[2] {
+        0 => payload,
+        1 => {
+            decoded = zstd::bulk::decompress(payload, total)
+                .map_err(|err| ChunkError::Decompress(format!("grain {g}: {err}")))?;
+            &decoded[..]
+        }
+        c => return Err(bad(&format!("codec {c}"))),
+    };
+    if plain.len() != total {
+        return Err(ChunkError::Length {
+            expected: total,
+            got: plain.len(),
+        });
+    }
+    let mut at = 0;
+    for r in ranges {
+        let n = r.len();
+        out[r].copy_from_slice(&plain[at..at + n]);
+        at += n;
     }
     Ok(())
 }
@@ -402,15 +545,22 @@ pub fn open_into(
     out.resize(h.plain_len, 0);
     for g in 0..h.entries.len() {
         let r = h.grain_range(g);
-        if h.entries[g].kind == Kind::Base {
-            out[r.clone()].copy_from_slice(&base.expect("checked")[r]);
+        let kind = h.entries[g].kind;
+        if kind.needs_base() {
+            out[r.clone()].copy_from_slice(&base.expect("checked")[r.clone()]);
+        }
+        if kind == Kind::Base {
             continue;
         }
         let f = h.frame_range(g);
         let frame = stored
             .get(f)
             .ok_or(ChunkError::Truncated { len: stored.len() })?;
-        decode_grain(&h, g, frame, &mut out[r])?;
+        if kind == Kind::Delta {
+            apply_delta(&h, g, frame, &mut out[r])?;
+        } else {
+            decode_grain(&h, g, frame, &mut out[r])?;
+        }
     }
     let end = h.offsets.last().copied().unwrap_or(0)
         + h.entries.last().map_or(0, |e| e.stored_len as usize);
@@ -534,6 +684,80 @@ mod tests {
         assert_eq!(h.entries[40].kind, Kind::Zero);
     }
 
+    /// A patch over `base` whose grain `g` has the blocks of `masks[g]` (clipped to the
+    /// grain) replaced by noise: delta grains where a mask is set, base grains elsewhere.
+    fn delta_patch(base: &[u8], masks: &[u16], seed: u64) -> (ChunkId, Vec<u8>, Vec<u8>) {
+        let (base_id, _) = sealed(base);
+        let block = GRAIN / DELTA_BLOCKS;
+        let mut new = base.to_vec();
+        let n = grain_count(base.len(), GRAIN);
+        let mut clipped = vec![0u16; n];
+        for g in 0..n {
+            let r = g * GRAIN..((g + 1) * GRAIN).min(base.len());
+            let blocks = r.len().div_ceil(block);
+            let m = masks[g % masks.len()]
+                & u16::MAX
+                    .checked_shr(16 - blocks.min(16) as u32)
+                    .unwrap_or(u16::MAX);
+            clipped[g] = m;
+            for br in delta_blocks(m, r.len(), block).unwrap() {
+                let noise = crate::testdata::noise(seed + (r.start + br.start) as u64, br.len());
+                new[r.start + br.start..r.start + br.end].copy_from_slice(&noise);
+            }
+        }
+        let (cvs, id) = cvs_of(&new);
+        let grains: Vec<Grain> = (0..n)
+            .map(|g| match clipped[g] {
+                0 => Grain::Base,
+                mask => Grain::Delta {
+                    mask,
+                    data: &new[g * GRAIN..((g + 1) * GRAIN).min(new.len())],
+                },
+            })
+            .collect();
+        let (pid, patch) = seal(&mut comp(), new.len(), Some(base_id), &grains, &cvs).unwrap();
+        assert_eq!(pid, id);
+        (id, patch, new)
+    }
+
+    #[test]
+    fn delta_grains_store_only_their_blocks() {
+        // A short last grain whose last block is short.
+        let base = crate::testdata::noise(5, (4 << 20) - 5000);
+        let mut masks = vec![0u16; 64];
+        masks[3] = 1 | 1 << 15;
+        masks[63] = 1 << 14;
+        let (id, patch, new) = delta_patch(&base, &masks, 9);
+        assert_eq!(patch[4], VERSION_DELTA);
+        let h = parse_header(&patch).unwrap();
+        assert_eq!(h.entries[3].kind, Kind::Delta);
+        assert_eq!(h.entries[63].kind, Kind::Delta);
+        assert_eq!(h.entries[4].kind, Kind::Base);
+        // Noise does not compress: raw blocks, the last grain's last one short.
+        assert_eq!(h.entries[3].stored_len as usize, DELTA_HEADER + 2 * 4096);
+        assert_eq!(h.entries[63].stored_len as usize, DELTA_HEADER + 3192);
+        let mut out = Vec::new();
+        open_into(&patch, Some(&base), &id, &mut out).unwrap();
+        assert!(out == new);
+        // Verified as a whole grain: a damaged payload is named.
+        let mut bad = patch.clone();
+        let at = h.frame_range(3).start + DELTA_HEADER + 100;
+        bad[at] ^= 1;
+        assert!(matches!(
+            open_into(&bad, Some(&base), &id, &mut out),
+            Err(ChunkError::GrainDamaged { grain: 3, .. })
+        ));
+        // A mask naming blocks past a short grain's end is refused.
+        let mut out = base[63 * GRAIN..].to_vec();
+        let frame = [0xff, 0xff, 0, 0];
+        assert!(apply_delta(&h, 63, &frame, &mut out).is_err());
+        assert!(decode_grain(&h, 3, &patch[h.frame_range(3)], &mut vec![0; GRAIN]).is_err());
+        assert_eq!(delta_mask(0, 1, 4096), 1);
+        assert_eq!(delta_mask(4095, 4097, 4096), 0b11);
+        assert_eq!(delta_mask(0, GRAIN, 4096), u16::MAX);
+        assert_eq!(delta_mask(7, 7, 4096), 0);
+    }
+
     proptest! {
         #[test]
         fn round_trip(len in 1usize..300_000, seed in 0u64..1000) {
@@ -543,6 +767,19 @@ mod tests {
             let mut out = Vec::new();
             open_into(&stored, None, &id, &mut out).unwrap();
             prop_assert_eq!(out, data);
+        }
+
+        #[test]
+        fn delta_round_trip(
+            len in 1usize..300_000,
+            seed in 0u64..1000,
+            masks in proptest::collection::vec(any::<u16>(), 1..6),
+        ) {
+            let base = crate::testdata::noise(seed, len);
+            let (id, patch, new) = delta_patch(&base, &masks, seed + 1);
+            let mut out = Vec::new();
+            open_into(&patch, Some(&base), &id, &mut out).unwrap();
+            prop_assert!(out == new);
         }
 
         #[test]

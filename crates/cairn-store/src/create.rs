@@ -422,22 +422,25 @@ impl Writer {
         Ok(Some((r, outcome, read)))
     }
 
-    /// Takes a chunk of which only `changed` grains may differ from `old` (the change
-    /// base's chunk at the same position) as a patch: reads only those grains and stores
-    /// them over `old`'s base. `None` (nothing read) when a patch does not fit: `old` is
-    /// zero, not framed, quarantined, or the patch would hold more than a quarter of the
-    /// grains; the caller then takes the chunk whole.
+    /// Takes a chunk of which only `changed` grains (with the mask of their 4 KiB blocks
+    /// that may differ) may differ from `old` (the change base's chunk at the same
+    /// position) as a patch: reads only those grains and stores them over `old`'s base,
+    /// as deltas (the changed blocks only) where the base's grain is the rest. `None`
+    /// (nothing read) when a patch does not fit: `old` is zero, not framed, quarantined,
+    /// or the patch would hold more than a quarter of the grains; the caller then takes
+    /// the chunk whole.
     async fn patch(
         &self,
         image: &Arc<dyn ChunkSource>,
         start: u64,
         end: u64,
         old: ChunkRef,
-        changed: Vec<usize>,
+        changed: &[(usize, u16)],
     ) -> Result<Option<(ChunkRef, Outcome, u64)>, SpaceError> {
         let len = usize::try_from(end - start).expect("chunk fits in memory");
         if old.id.is_zero() {
-            return self.sparse(image, start, end, changed).await;
+            let grains = changed.iter().map(|&(g, _)| g).collect();
+            return self.sparse(image, start, end, grains).await;
         }
         let base = old.base.unwrap_or(old.id);
         if self.quarantined.contains(&old.id) || self.quarantined.contains(&base) {
@@ -458,7 +461,7 @@ impl Writer {
             Err(BackendError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        if stored.get(4) != Some(&framed::VERSION) {
+        if !framed::is_framed(&stored) {
             return Ok(None);
         }
         let Ok(h) = framed::parse_header(&stored) else {
@@ -473,33 +476,45 @@ impl Writer {
             .iter()
             .map(|e| old.base.is_some() && e.kind != framed::Kind::Base)
             .collect();
-        for &g in &changed {
+        for &(g, _) in changed {
             own[g] = true;
         }
         if own.iter().filter(|&&o| o).count() > n / 4 {
             return Ok(None);
         }
+        let changed = changed.to_vec();
         // Only the changed grains are read; the rest is the base's, or the old patch's.
         let img = image.clone();
         let codecs = self.codecs.clone();
         let permit = self.cpu.acquire().await.expect("semaphore open");
         let (sealed, id, read) = self
             .on_cpu(move || {
-                let mut data: Vec<Option<Vec<u8>>> = vec![None; n];
+                // Per changed grain: its content, and the blocks that differ from the
+                // base's grain (`None`: store it whole).
+                let mut data: Vec<Option<(Vec<u8>, Option<u16>)>> = vec![None; n];
                 let mut cvs: Vec<_> = h.entries.iter().map(|e| e.cv).collect();
                 let mut read = 0;
-                for &g in &changed {
+                for &(g, blocks) in &changed {
                     let r = h.grain_range(g);
+                    // The whole grain is read (its chaining value needs it); only the
+                    // blocks that differ are compressed and stored.
                     let mut buf = vec![0u8; r.len()];
                     img.read_at(&mut buf, start + r.start as u64)?;
                     cvs[g] = framed::grain_cv(&buf, g, n, framed::GRAIN);
                     read += buf.len() as u64;
-                    data[g] = Some(buf);
+                    data[g] = Some((
+                        buf,
+                        delta_over_base(&h, &stored, old.base.is_some(), g, blocks),
+                    ));
                 }
                 img.taken(start, end);
                 let grains: Vec<framed::Grain> = (0..n)
                     .map(|g| match &data[g] {
-                        Some(d) => framed::Grain::Data(d),
+                        Some((d, Some(mask))) => framed::Grain::Delta {
+                            mask: *mask,
+                            data: d,
+                        },
+                        Some((d, None)) => framed::Grain::Data(d),
                         None if own[g] => framed::Grain::Stored {
                             kind: h.entries[g].kind,
                             bytes: &stored[h.frame_range(g)],
@@ -510,9 +525,25 @@ impl Writer {
                 let (id, sealed) = codecs
                     .with(|c| framed::seal(c.compressor(), len, Some(base), &grains, &cvs))
                     .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
-                let patch_bytes: u64 = (0..n)
-                    .filter(|&g| own[g])
-                    .map(|g| h.grain_range(g).len() as u64)
+                // The patch's own plain bytes: whole grains, or a delta's blocks.
+                let patch_bytes: u64 = grains
+                    .iter()
+                    .enumerate()
+                    .map(|(g, grain)| {
+                        let glen = h.grain_range(g).len();
+                        let mask = match grain {
+                            framed::Grain::Delta { mask, .. } => *mask,
+                            framed::Grain::Stored {
+                                kind: framed::Kind::Delta,
+                                bytes,
+                            } => u16::from_le_bytes([bytes[0], bytes[1]]),
+                            framed::Grain::Base => 0,
+                            _ => u16::MAX,
+                        };
+                        framed::delta_blocks(mask, glen, framed::GRAIN / framed::DELTA_BLOCKS)
+                            .map_or(glen, |b| b.map(|r| r.len()).sum())
+                            as u64
+                    })
                     .sum();
                 Ok::<_, SpaceError>((sealed, id, (read, patch_bytes)))
             })
@@ -534,6 +565,36 @@ impl Writer {
             .await?;
         Ok(Some((r, outcome, read)))
     }
+}
+
+/// The blocks of grain `g` that a new patch stores as a delta over the base's grain, given
+/// the `blocks` changed since `h` (the old chunk's header; `stored` holds its table and,
+/// for a patch, its frames; `is_patch`: the old chunk is a patch, so its base is the new
+/// patch's): those blocks where the old grain is the base's, those and the old delta's
+/// where it was a delta. `None`: store the grain whole (it was the old patch's own whole
+/// grain, or the delta would hold more than three quarters of it).
+fn delta_over_base(
+    h: &framed::Header,
+    stored: &[u8],
+    is_patch: bool,
+    g: usize,
+    blocks: u16,
+) -> Option<u16> {
+    let mask = match h.entries[g].kind {
+        _ if !is_patch => blocks,
+        framed::Kind::Base => blocks,
+        framed::Kind::Delta => {
+            let frame = stored.get(h.frame_range(g))?;
+            blocks | u16::from_le_bytes([*frame.first()?, *frame.get(1)?])
+        }
+        _ => return None,
+    };
+    let glen = h.grain_range(g).len();
+    let block = framed::GRAIN / framed::DELTA_BLOCKS;
+    let bytes: usize = framed::delta_blocks(mask, glen, block)?
+        .map(|r| r.len())
+        .sum();
+    (mask != 0 && bytes <= glen / 4 * 3).then_some(mask)
 }
 
 /// Creates a recovery point of the given images. See the module documentation.
@@ -765,15 +826,16 @@ async fn write_point(
                     let grains = usize::try_from(end - start)
                         .expect("fits")
                         .div_ceil(framed::GRAIN);
-                    let changed: Vec<usize> = (0..grains)
-                        .filter(|&g| {
+                    let changed: Vec<(usize, u16)> = (0..grains)
+                        .filter_map(|g| {
                             let s = start + (g * framed::GRAIN) as u64;
-                            image.changed(s, (s + framed::GRAIN as u64).min(end))
+                            let e = (s + framed::GRAIN as u64).min(end);
+                            image.changed(s, e).then(|| (g, image.changed_blocks(s, e)))
                         })
                         .collect();
                     if changed.len() <= grains / 4
                         && let Some((cid, outcome, read)) = writer
-                            .patch(image, start, end, b.chunk_ref(i), changed)
+                            .patch(image, start, end, b.chunk_ref(i), &changed)
                             .await?
                     {
                         return Ok((i, cid, outcome, read, end - start));

@@ -82,19 +82,37 @@ pub async fn fetch_chunk(backend: &Arc<dyn Backend>, r: ChunkRef) -> Result<Vec<
     .map_err(FetchError::Damaged)
 }
 
+/// Grains read by [`read_grains`]: the header, the plain content of the grains read
+/// (base and delta grains of a patch left zero), and the frames as read (from the first
+/// grain's frame on).
+struct Grains {
+    h: framed::Header,
+    plain: Vec<u8>,
+    frames: bytes::Bytes,
+    first: usize,
+}
+
+impl Grains {
+    /// Grain `g`'s frame.
+    fn frame(&self, g: usize) -> &[u8] {
+        let f = self.h.frame_range(g);
+        &self.frames[f.start - self.first..f.end - self.first]
+    }
+}
+
 /// Reads grains `grains` of a framed chunk stored at `key` with id `id` (`chunk_len`
 /// bytes): one read for the table, one for the frames. The table is checked against the
-/// id and every grain against the table. Base grains of a patch are left zero. `None`
-/// when the object is a version-1 envelope (not seekable).
+/// id and every grain against the table. Base and delta grains of a patch are left zero.
+/// `None` when the object is a version-1 envelope (not seekable).
 async fn read_grains(
     backend: &Arc<dyn Backend>,
     key: &str,
     id: ChunkId,
     chunk_len: usize,
     grains: std::ops::Range<usize>,
-) -> Result<Option<(framed::Header, Vec<u8>)>, FetchError> {
+) -> Result<Option<Grains>, FetchError> {
     let head = get_range(backend, key, 0..framed::table_len(chunk_len)).await?;
-    if head.get(4) != Some(&framed::VERSION) {
+    if !framed::is_framed(&head) {
         return Ok(None);
     }
     let h = framed::parse_header(&head)?;
@@ -128,7 +146,7 @@ async fn read_grains(
         let base = h.grain_range(grains.start).start;
         let mut out = vec![0u8; h.grain_range(grains.end - 1).end - base];
         for g in grains {
-            if h.entries[g].kind == framed::Kind::Base {
+            if h.entries[g].kind.needs_base() {
                 continue;
             }
             let r = h.grain_range(g);
@@ -137,7 +155,12 @@ async fn read_grains(
             framed::decode_grain(&h, g, &frames[f.start - first..f.end - first], dst)?;
             framed::check_grain(&h, g, dst)?;
         }
-        Ok((h, out))
+        Ok(Grains {
+            h,
+            plain: out,
+            frames,
+            first,
+        })
     })
     .await
     .map_err(|e| worker_failed(key, e))?
@@ -159,10 +182,11 @@ pub async fn fetch_range(
         range.end.div_ceil(framed::GRAIN),
     );
     let key = layout::object_key(&r);
-    let Some((h, mut plain)) = read_grains(backend, &key, r.id, chunk_len, g0..g1).await? else {
+    let Some(mut read) = read_grains(backend, &key, r.id, chunk_len, g0..g1).await? else {
         let whole = fetch_chunk(backend, r).await?;
         return Ok(whole[range].to_vec());
     };
+    let h = &read.h;
     if h.base != r.base {
         return Err(FetchError::Damaged(ChunkError::Table(format!(
             "stored at {key} with base {:?}",
@@ -170,21 +194,23 @@ pub async fn fetch_range(
         ))));
     }
     let need: Vec<usize> = (g0..g1)
-        .filter(|&g| h.entries[g].kind == framed::Kind::Base)
+        .filter(|&g| h.entries[g].kind.needs_base())
         .collect();
     if let (Some(base), Some(&a), Some(&b)) = (h.base, need.first(), need.last()) {
         let off = a * framed::GRAIN;
         let bkey = layout::chunk_key(&base);
         let from_base = match read_grains(backend, &bkey, base, chunk_len, a..b + 1).await? {
-            Some((bh, data)) => {
+            Some(bg) => {
                 for &g in &need {
-                    if bh.entries[g].cv != h.entries[g].cv {
+                    if h.entries[g].kind == framed::Kind::Base
+                        && bg.h.entries[g].cv != h.entries[g].cv
+                    {
                         return Err(FetchError::Damaged(ChunkError::Table(format!(
                             "grain {g} differs from its base's"
                         ))));
                     }
                 }
-                data
+                bg.plain
             }
             None => {
                 let whole = fetch_chunk(backend, ChunkRef::plain(base)).await?;
@@ -192,14 +218,21 @@ pub async fn fetch_range(
             }
         };
         let at = g0 * framed::GRAIN;
+        let mut plain = std::mem::take(&mut read.plain);
         for g in need {
-            let gr = h.grain_range(g);
-            plain[gr.start - at..gr.end - at]
-                .copy_from_slice(&from_base[gr.start - off..gr.end - off]);
+            let gr = read.h.grain_range(g);
+            let dst = &mut plain[gr.start - at..gr.end - at];
+            dst.copy_from_slice(&from_base[gr.start - off..gr.end - off]);
+            if read.h.entries[g].kind == framed::Kind::Delta {
+                // Small (a few blocks over one grain): inline.
+                framed::apply_delta(&read.h, g, read.frame(g), dst)?;
+                framed::check_grain(&read.h, g, dst)?;
+            }
         }
+        read.plain = plain;
     }
     let at = g0 * framed::GRAIN;
-    Ok(plain[range.start - at..range.end - at].to_vec())
+    Ok(read.plain[range.start - at..range.end - at].to_vec())
 }
 
 /// Groups chunk positions by id, in order of first appearance, so that each distinct

@@ -35,6 +35,11 @@ pub trait ChunkSource: Send + Sync {
     fn changed(&self, _start: u64, _end: u64) -> bool {
         true
     }
+    /// For a grain `[start, end)` (64 KiB aligned) that [`Self::changed`] reports: which
+    /// of its 4 KiB blocks may differ (bit i = block i; all unless the source knows).
+    fn changed_blocks(&self, _start: u64, _end: u64) -> u16 {
+        u16::MAX
+    }
     /// `[start, end)` has been taken into the point: it need not be kept frozen any more.
     fn taken(&self, _start: u64, _end: u64) {}
 }

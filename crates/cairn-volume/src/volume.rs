@@ -38,6 +38,12 @@ use crate::pool::{DiskMeta, DiskPaths, Pool};
 
 /// Changed-block tracking granularity.
 pub const GRAIN: u64 = 64 * 1024;
+/// The changed-block map's detail inside a grain: its 4 KiB blocks (those of a chunk
+/// envelope's delta frames).
+const BLOCK: u64 = GRAIN / cairn_format::framed::DELTA_BLOCKS as u64;
+/// At most this many grains written only in part are remembered as such (about 8 MiB);
+/// past it, a grain first written in part counts as changed whole.
+const PARTIAL_MAX: usize = 1 << 18;
 /// The smallest copy-before-write unit: a guest's 4 KiB write preserves 4 KiB, not a grain.
 const COW_MIN: u64 = 4096;
 /// Copy-before-write state is kept for at most about this many units (2 bits each, so
@@ -179,6 +185,98 @@ impl UnitStates {
     }
 }
 
+/// The areas changed since the base: a bit per grain, and for grains written only in
+/// part, which of their 4 KiB blocks (bit i = block i). A grain whose bit is set and that
+/// has no entry in `partial` changed whole. The detail is kept in memory only (the map
+/// file holds the grains): after a restart, every changed grain counts whole.
+struct Changes {
+    map: Arc<Bitmap>,
+    partial: std::collections::HashMap<u64, u16>,
+    /// At most this many entries in `partial`.
+    cap: usize,
+}
+
+impl Changes {
+    fn new(map: Bitmap) -> Changes {
+        Changes {
+            map: Arc::new(map),
+            partial: std::collections::HashMap::new(),
+            cap: PARTIAL_MAX,
+        }
+    }
+
+    /// Marks `[offset, offset+len)` of a disk of `size` bytes changed.
+    fn mark(&mut self, offset: u64, len: u64, size: u64) {
+        let (a, b) = grains(offset, len);
+        let end = offset + len;
+        let mut g = a;
+        while g < b {
+            let (gs, ge) = (g * GRAIN, ((g + 1) * GRAIN).min(size));
+            let (from, to) = (offset.max(gs) - gs, end.min(ge) - gs);
+            if from == 0 && to == ge - gs {
+                // Whole grains, up to the last one the range covers whole.
+                let last = if end >= size { b } else { end / GRAIN };
+                self.map.set_range(g, last);
+                if !self.partial.is_empty() {
+                    if last - g < self.partial.len() as u64 {
+                        for x in g..last {
+                            self.partial.remove(&x);
+                        }
+                    } else {
+                        self.partial.retain(|x, _| !(g..last).contains(x));
+                    }
+                }
+                g = last;
+                continue;
+            }
+            let mask = cairn_format::framed::delta_mask(
+                usize::try_from(from).expect("within a grain"),
+                usize::try_from(to).expect("within a grain"),
+                usize::try_from(BLOCK).expect("small"),
+            );
+            if self.map.set(g) {
+                if self.partial.len() < self.cap {
+                    self.partial.insert(g, mask);
+                }
+            } else if let Some(m) = self.partial.get_mut(&g) {
+                *m |= mask;
+            }
+            g += 1;
+        }
+    }
+
+    /// Adds `other`'s changes (a frozen map given back after a failed point).
+    fn merge(&mut self, other: &Bitmap, other_partial: &std::collections::HashMap<u64, u16>) {
+        for g in other.ones() {
+            let theirs = other_partial.get(&g).copied();
+            if self.map.set(g) {
+                if let Some(m) = theirs
+                    && self.partial.len() < self.cap
+                {
+                    self.partial.insert(g, m);
+                }
+            } else {
+                match (self.partial.get_mut(&g), theirs) {
+                    (Some(m), Some(t)) => *m |= t,
+                    (Some(_), None) => {
+                        self.partial.remove(&g);
+                    }
+                    (None, _) => {}
+                }
+            }
+        }
+    }
+
+    /// The 4 KiB blocks of grain `g` that changed (all for a whole grain, none when the
+    /// grain did not change).
+    fn blocks(map: &Bitmap, partial: &std::collections::HashMap<u64, u16>, g: u64) -> u16 {
+        if !map.get(g) {
+            return 0;
+        }
+        partial.get(&g).copied().unwrap_or(u16::MAX)
+    }
+}
+
 /// The frozen state of one disk while a recovery point is taken of it.
 pub(crate) struct Snap {
     /// The copy-before-write unit (bytes, a power of two dividing a grain).
@@ -190,8 +288,9 @@ pub(crate) struct Snap {
     waiters: AtomicUsize,
     parked: Mutex<()>,
     saved: Condvar,
-    /// The changed-block map at the freeze.
+    /// The changed-block map at the freeze, and its detail inside grains.
     frozen: Arc<Bitmap>,
+    frozen_partial: std::collections::HashMap<u64, u16>,
     base: Option<ChangeBase>,
 }
 
@@ -248,7 +347,7 @@ pub struct Volume {
     size: u64,
     /// Writes hold it shared; a freeze holds it exclusively (so no write is half done).
     gate: tokio::sync::RwLock<()>,
-    cbt: Mutex<Arc<Bitmap>>,
+    cbt: Mutex<Changes>,
     base: Mutex<Option<ChangeBase>>,
     snap: Mutex<Option<Arc<Snap>>>,
     pub(crate) clone: Option<CloneState>,
@@ -355,7 +454,7 @@ impl Volume {
             file,
             size: meta.size,
             gate: tokio::sync::RwLock::new(()),
-            cbt: Mutex::new(Arc::new(map)),
+            cbt: Mutex::new(Changes::new(map)),
             base: Mutex::new(base),
             snap: Mutex::new(None),
             clone,
@@ -383,7 +482,7 @@ impl Volume {
 
     /// Bytes marked changed since the base.
     pub fn changed_bytes(&self) -> u64 {
-        self.cbt.lock().expect("poisoned").count() * GRAIN
+        self.cbt.lock().expect("poisoned").map.count() * GRAIN
     }
 
     /// Stops serving: connections are told to close, data is synced, the changed-block
@@ -401,7 +500,7 @@ impl Volume {
             point: b.point,
             disk: b.disk,
         });
-        let map = self.cbt.lock().expect("poisoned").clone();
+        let map = self.cbt.lock().expect("poisoned").map.clone();
         // A point still being taken may not commit: its frozen changes count as changes
         // since the base until it does.
         if let Some(snap) = self.snap.lock().expect("poisoned").as_ref() {
@@ -425,8 +524,10 @@ impl Volume {
     }
 
     fn mark_changed(&self, offset: u64, len: u64) {
-        let (a, b) = grains(offset, len);
-        self.cbt.lock().expect("poisoned").set_range(a, b);
+        self.cbt
+            .lock()
+            .expect("poisoned")
+            .mark(offset, len, self.size);
     }
 
     /// Copy-before-write: keeps the frozen content of `[offset, offset+len)` where a
@@ -454,8 +555,7 @@ impl Volume {
                             ));
                             let start = g * snap.unit;
                             buf.resize(
-                                usize::try_from(snap.unit.min(self.size - start))
-                                    .expect("small"),
+                                usize::try_from(snap.unit.min(self.size - start)).expect("small"),
                                 0,
                             );
                             let copied = self
@@ -697,9 +797,16 @@ impl Volume {
                 self.server, self.name
             )));
         }
-        let frozen = {
+        let Changes {
+            map: frozen,
+            partial: frozen_partial,
+            ..
+        } = {
             let mut cbt = self.cbt.lock().expect("poisoned");
-            std::mem::replace(&mut *cbt, Arc::new(Bitmap::new(self.size.div_ceil(GRAIN))))
+            std::mem::replace(
+                &mut *cbt,
+                Changes::new(Bitmap::new(self.size.div_ceil(GRAIN))),
+            )
         };
         let base = self.change_base();
         // The units of every chunk the point reads: all, or those of changed chunks.
@@ -743,6 +850,7 @@ impl Volume {
             parked: Mutex::new(()),
             saved: Condvar::new(),
             frozen,
+            frozen_partial,
             base,
         }));
         Ok(())
@@ -761,7 +869,11 @@ impl Volume {
                     disk: self.name.clone(),
                 })
             }
-            None => self.cbt.lock().expect("poisoned").merge(&snap.frozen),
+            None => self
+                .cbt
+                .lock()
+                .expect("poisoned")
+                .merge(&snap.frozen, &snap.frozen_partial),
         }
         // Unlinking a large sparse buffer can take a while: not on the request path.
         let cow = self.paths.cow.clone();
@@ -889,6 +1001,13 @@ impl ChunkSource for SnapSource {
         self.snap.frozen.any_in(g0, g1)
     }
 
+    fn changed_blocks(&self, start: u64, _end: u64) -> u16 {
+        if self.snap.base.is_none() {
+            return u16::MAX;
+        }
+        Changes::blocks(&self.snap.frozen, &self.snap.frozen_partial, start / GRAIN)
+    }
+
     fn taken(&self, start: u64, end: u64) {
         let (g0, g1) = self.snap.units(start, end - start);
         for g in g0..g1 {
@@ -963,6 +1082,79 @@ mod tests {
     pub(super) static SAVE_PAUSE_US: AtomicU64 = AtomicU64::new(0);
     /// The copy-before-write unit of the next snapshot (0: the disk's own).
     pub(super) static UNIT: AtomicU64 = AtomicU64::new(0);
+
+    /// The change map against a reference set of written 4 KiB blocks: every written
+    /// block is reported (a grain whole when the detail is past its bound), no grain is
+    /// reported that was not written; a merge reports the union.
+    #[test]
+    fn the_change_map_reports_every_written_block() {
+        const SIZE: u64 = 40 * GRAIN + 5000;
+        let blocks = SIZE.div_ceil(BLOCK);
+        let mut x = 99u64;
+        let mut rng = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..200 {
+            let mut sets = [
+                Changes::new(Bitmap::new(SIZE.div_ceil(GRAIN))),
+                Changes::new(Bitmap::new(SIZE.div_ceil(GRAIN))),
+            ];
+            sets[1].cap = (round % 7) as usize;
+            let mut truth = [vec![false; blocks as usize], vec![false; blocks as usize]];
+            for i in 0..(1 + rng() % 30) {
+                let offset = rng() % SIZE;
+                let len = 1 + match rng() % 3 {
+                    0 => rng() % 8192,
+                    1 => rng() % (4 * GRAIN),
+                    _ => rng() % SIZE,
+                }
+                .min(SIZE - offset - 1);
+                let k = (i % 2) as usize;
+                sets[k].mark(offset, len, SIZE);
+                for b in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
+                    truth[k][b as usize] = true;
+                }
+            }
+            let [mut a, b] = sets;
+            a.merge(&b.map, &b.partial);
+            for (c, t) in [
+                (
+                    &a,
+                    truth[0]
+                        .iter()
+                        .zip(&truth[1])
+                        .map(|(x, y)| *x || *y)
+                        .collect::<Vec<_>>(),
+                ),
+                (&b, truth[1].clone()),
+            ] {
+                for g in 0..SIZE.div_ceil(GRAIN) {
+                    let m = Changes::blocks(&c.map, &c.partial, g);
+                    let written: Vec<bool> = (0..16)
+                        .map(|i| t.get((g * 16 + i) as usize).copied().unwrap_or(false))
+                        .collect();
+                    assert_eq!(
+                        m == 0,
+                        !written.iter().any(|&w| w),
+                        "round {round}: grain {g}"
+                    );
+                    for (i, w) in written.iter().enumerate() {
+                        assert!(
+                            !w || m & (1 << i) != 0,
+                            "round {round}: grain {g} block {i} lost"
+                        );
+                    }
+                    if c.cap == PARTIAL_MAX && c.partial.contains_key(&g) {
+                        let exact: u16 = (0..16).filter(|&i| written[i]).fold(0, |m, i| m | 1 << i);
+                        assert_eq!(m, exact, "round {round}: grain {g}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn copy_before_write_units_stay_small_and_bounded() {

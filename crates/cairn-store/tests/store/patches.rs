@@ -1,8 +1,9 @@
 //! Patches: incremental points of a change-tracked source store only the changed 64 KiB
-//! grains of a chunk, over the base chunk. Checked against the source's real content
+//! grains of a chunk, over the base chunk (only their changed 4 KiB blocks, as deltas,
+//! where the source tracks blocks). Checked against the source's real content
 //! through every reader: restore, grain-range fetches, rollback of ranges, verify, GC.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use cairn_format::config::SpaceConfig;
@@ -21,28 +22,41 @@ const GRAIN: u64 = 64 * 1024;
 const CHUNK: u64 = 1 << 20;
 const SIZE: u64 = 8 * CHUNK + 3 * GRAIN; // a short last chunk
 
-/// A disk in memory that knows which grains changed since its base point.
+/// A disk in memory that knows which grains (and, if `blocks`, which 4 KiB blocks of
+/// them) changed since its base point.
 struct Tracked {
     data: Mutex<Vec<u8>>,
     base: Mutex<Option<PointId>>,
-    changed: Mutex<BTreeSet<u64>>,
+    changed: Mutex<BTreeMap<u64, u16>>,
+    blocks: bool,
 }
 
 impl Tracked {
-    /// A disk holding `content`, with no point yet.
+    /// A disk holding `content`, with no point yet, tracking grains.
     fn new(content: Vec<u8>) -> Arc<Tracked> {
+        Self::tracking(content, false)
+    }
+
+    fn tracking(content: Vec<u8>, blocks: bool) -> Arc<Tracked> {
         Arc::new(Tracked {
             data: Mutex::new(content),
             base: Mutex::new(None),
-            changed: Mutex::new(BTreeSet::new()),
+            changed: Mutex::new(BTreeMap::new()),
+            blocks,
         })
     }
 
     fn write(&self, at: u64, bytes: &[u8]) {
         self.data.lock().unwrap()[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
         let mut c = self.changed.lock().unwrap();
-        for g in at / GRAIN..(at + bytes.len() as u64).div_ceil(GRAIN) {
-            c.insert(g);
+        let end = at + bytes.len() as u64;
+        for g in at / GRAIN..end.div_ceil(GRAIN) {
+            let (from, to) = (
+                at.max(g * GRAIN) - g * GRAIN,
+                end.min((g + 1) * GRAIN) - g * GRAIN,
+            );
+            let mask = cairn_format::framed::delta_mask(from as usize, to as usize, 4096);
+            *c.entry(g).or_default() |= mask;
         }
     }
 }
@@ -78,6 +92,12 @@ impl ChunkSource for Source {
             .range(start / GRAIN..end.div_ceil(GRAIN))
             .next()
             .is_some()
+    }
+    fn changed_blocks(&self, start: u64, _end: u64) -> u16 {
+        match self.0.blocks {
+            true => self.0.changed.lock().unwrap()[&(start / GRAIN)],
+            false => u16::MAX,
+        }
     }
 }
 
@@ -147,14 +167,82 @@ fn a_zero_chunk_written_in_one_grain_reads_one_grain_and_dedups_before_compressi
     });
 }
 
+/// A 4 KiB write stores about 4 KiB: a delta of the one block over the base's grain;
+/// the next write to another block of the same grain stores both (over the same base).
+#[test]
+fn a_write_of_one_block_stores_one_block() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let space = local_space(dir.path()).await;
+        let t = Tracked::tracking(noise(5, SIZE as usize), true);
+        take(&space, &t).await;
+        let at = 3 * CHUNK + 5 * GRAIN + 2 * 4096;
+        t.write(at, &noise(6, 4096));
+        let r = take(&space, &t).await;
+        assert_eq!(r.stats.bytes_read, GRAIN, "{:?}", r.stats);
+        assert_eq!(r.stats.bytes_new, 4096, "{:?}", r.stats);
+        let table = (56 + 40 * CHUNK / GRAIN) as u64;
+        assert!(r.stats.bytes_written <= table + 4 + 4096, "{:?}", r.stats);
+        let idx = space.load_index(&r, &r.disks[0]).await.unwrap();
+        let patch = std::fs::read(
+            dir.path()
+                .join("space")
+                .join(layout::object_key(&idx.chunk_ref(3))),
+        )
+        .unwrap();
+        assert_eq!(patch[4], cairn_format::framed::VERSION_DELTA);
+        assert!(restored(&space, &r, "root", dir.path()).await == *t.data.lock().unwrap());
+
+        // Another block of the same grain (an unaligned write over two blocks), and the
+        // last block of another chunk (its first patch: a delta over a standalone chunk).
+        t.write(at + 9 * 4096 + 100, &noise(7, 5000));
+        t.write(8 * CHUNK - 10, &noise(8, 10));
+        let r = take(&space, &t).await;
+        assert_eq!(r.stats.bytes_read, 2 * GRAIN, "{:?}", r.stats);
+        assert_eq!(r.stats.bytes_new, 4 * 4096, "{:?}", r.stats);
+        let want = t.data.lock().unwrap().clone();
+        assert!(restored(&space, &r, "root", dir.path()).await == want);
+        let idx = space.load_index(&r, &r.disks[0]).await.unwrap();
+        for (c, a, b) in [
+            (3, 5 * GRAIN, 6 * GRAIN),
+            (3, 5 * GRAIN + 8000, 5 * GRAIN + 9000),
+        ] {
+            let got = fetch_range(
+                space.backend(),
+                idx.chunk_ref(c),
+                CHUNK as usize,
+                a as usize..b as usize,
+            )
+            .await
+            .unwrap();
+            assert!(got == want[(c * CHUNK + a) as usize..(c * CHUNK + b) as usize]);
+        }
+        assert!(
+            verify::verify(&space, &[], 4, &NoProgress)
+                .await
+                .unwrap()
+                .is_clean()
+        );
+    });
+}
+
 #[test]
 fn patches_restore_fetch_rollback_verify_and_survive_gc() {
+    patches_through_every_reader(false);
+}
+
+#[test]
+fn delta_patches_restore_fetch_rollback_verify_and_survive_gc() {
+    patches_through_every_reader(true);
+}
+
+fn patches_through_every_reader(blocks: bool) {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let space = local_space(dir.path()).await;
         let mut content = noise(7, SIZE as usize);
         content[2 * CHUNK as usize..3 * CHUNK as usize].fill(0); // a zero chunk
-        let t = Tracked::new(content);
+        let t = Tracked::tracking(content, blocks);
         let mut points = vec![(take(&space, &t).await, t.data.lock().unwrap().clone())];
         let mut seed = 42u64;
         for round in 0..6u64 {
