@@ -697,7 +697,7 @@ mod tests {
             let blocks = r.len().div_ceil(block);
             let m = masks[g % masks.len()]
                 & u16::MAX
-                    .checked_shr(16 - blocks.min(16) as u32)
+                    .checked_shr(16 - u32::try_from(blocks.min(16)).unwrap())
                     .unwrap_or(u16::MAX);
             clipped[g] = m;
             for br in delta_blocks(m, r.len(), block).unwrap() {

@@ -1097,12 +1097,12 @@ mod tests {
             x ^= x << 17;
             x
         };
-        for round in 0..200 {
+        for round in 0..200usize {
             let mut sets = [
                 Changes::new(Bitmap::new(SIZE.div_ceil(GRAIN))),
                 Changes::new(Bitmap::new(SIZE.div_ceil(GRAIN))),
             ];
-            sets[1].cap = (round % 7) as usize;
+            sets[1].cap = round % 7;
             let mut truth = [vec![false; blocks as usize], vec![false; blocks as usize]];
             for i in 0..(1 + rng() % 30) {
                 let offset = rng() % SIZE;

@@ -181,7 +181,7 @@ fn a_write_of_one_block_stores_one_block() {
         let r = take(&space, &t).await;
         assert_eq!(r.stats.bytes_read, GRAIN, "{:?}", r.stats);
         assert_eq!(r.stats.bytes_new, 4096, "{:?}", r.stats);
-        let table = (56 + 40 * CHUNK / GRAIN) as u64;
+        let table = 56 + 40 * CHUNK / GRAIN;
         assert!(r.stats.bytes_written <= table + 4 + 4096, "{:?}", r.stats);
         let idx = space.load_index(&r, &r.disks[0]).await.unwrap();
         let patch = std::fs::read(
