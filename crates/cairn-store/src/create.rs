@@ -73,6 +73,11 @@ pub struct CreateOptions {
     /// value (per thread on Linux), e.g. 19 for a point of a running server, so that
     /// the guests' I/O in the same process goes first. Default: tokio's blocking pool.
     pub cpu_nice: Option<i32>,
+    /// With `cpu_nice`: also schedule those threads `SCHED_IDLE` (Linux), so that a
+    /// guest's thread that wakes up preempts them at once instead of waiting out their
+    /// time slice (a nice value only changes their share). They still progress: an idle
+    /// thread keeps a small share of a busy CPU.
+    pub cpu_idle: bool,
 }
 
 impl CreateOptions {
@@ -87,6 +92,7 @@ impl CreateOptions {
             lease_wait: Duration::from_secs(3600),
             snapshot_at: None,
             cpu_nice: None,
+            cpu_idle: false,
         }
     }
 }
@@ -162,7 +168,7 @@ struct NiceThreads {
 }
 
 impl NiceThreads {
-    fn new(threads: usize, nice: i32) -> std::io::Result<NiceThreads> {
+    fn new(threads: usize, nice: i32, idle: bool) -> std::io::Result<NiceThreads> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..threads {
@@ -170,7 +176,19 @@ impl NiceThreads {
             std::thread::Builder::new()
                 .name("cairn-point".into())
                 .spawn(move || {
-                    // Who = 0: this thread only (Linux). Failure only costs priority.
+                    // Failure only costs priority. The policy first: setting it resets
+                    // the nice value.
+                    if idle {
+                        use thread_priority::{
+                            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+                        };
+                        let _ = thread_priority::set_thread_priority_and_policy(
+                            thread_priority::thread_native_id(),
+                            ThreadPriority::Min,
+                            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+                        );
+                    }
+                    // Who = 0: this thread only (Linux).
                     let _ = rustix::process::setpriority_process(None, nice);
                     loop {
                         let job = rx.lock().expect("poisoned").recv();
@@ -753,7 +771,7 @@ async fn write_point(
         quarantined: crate::verify::quarantined(space).await?,
         nice: match opts.cpu_nice {
             Some(nice) => Some(
-                NiceThreads::new(cpu_slots(), nice)
+                NiceThreads::new(cpu_slots(), nice, opts.cpu_idle)
                     .map_err(|e| SpaceError::Internal(format!("cannot start threads: {e}")))?,
             ),
             None => None,
@@ -919,4 +937,45 @@ async fn write_point(
         )
         .await?;
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NiceThreads;
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
+
+    #[tokio::test]
+    async fn a_live_points_threads_are_idle_and_nice() {
+        let threads = NiceThreads::new(2, 19, true).unwrap();
+        let (policy, nice) = threads
+            .run(|| {
+                (
+                    thread_priority::thread_schedule_policy().unwrap(),
+                    rustix::process::getpriority_process(None).unwrap(),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            policy,
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle)
+        );
+        // Setting the policy resets the nice value: it is set after.
+        assert_eq!(nice, 19);
+        let plain = NiceThreads::new(1, 10, false).unwrap();
+        let (policy, nice) = plain
+            .run(|| {
+                (
+                    thread_priority::thread_schedule_policy().unwrap(),
+                    rustix::process::getpriority_process(None).unwrap(),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            policy,
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)
+        );
+        assert_eq!(nice, 10);
+    }
 }

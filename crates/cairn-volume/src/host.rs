@@ -658,6 +658,7 @@ async fn point_of(
         opts.snapshot_at = Some(at);
         // The point's reading, hashing and compressing yield to the guests' I/O.
         opts.cpu_nice = Some(19);
+        opts.cpu_idle = true;
         let result = create_point_from(space, &opts, &sources, progress).await;
         drop(sources);
         match result {
