@@ -283,6 +283,10 @@ pub(crate) fn remove_dead(root: &Path) -> std::io::Result<u64> {
                     rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                         .is_err()
                 }
+                // A folder gets its name only once its lock is in it, and loses the lock
+                // only while it is being removed (by its process at its end, or by a
+                // collection that was killed in the middle): dead.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(_) => young(),
             }
         };
@@ -290,7 +294,10 @@ pub(crate) fn remove_dead(root: &Path) -> std::io::Result<u64> {
             continue;
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
-            removed += rd.filter(|e| e.is_ok()).count().saturating_sub(1) as u64;
+            removed += rd
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name() != LOCK)
+                .count() as u64;
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -95,6 +95,12 @@ fn a_killed_processs_staging_is_removed_a_live_ones_is_not() {
         std::fs::create_dir_all(&dead).unwrap();
         std::fs::write(dead.join("lock#0"), b"").unwrap();
         std::fs::write(dead.join("0#0"), b"half a chunk").unwrap();
+        // What a collection killed while removing such a folder leaves: the lock file
+        // already gone, staged objects still there (and the folder just modified).
+        let half = dir.path().join(".deferred/fedcba9876543210");
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::write(half.join("3#3"), b"staged").unwrap();
+        std::fs::write(half.join("4#4"), b"staged too").unwrap();
 
         let b = ObjectStoreBackend::local(dir.path()).unwrap();
         b.put_deferred("chunks/ab/live", Bytes::from_static(b"in flight"))
@@ -103,8 +109,9 @@ fn a_killed_processs_staging_is_removed_a_live_ones_is_not() {
         // Even with a cutoff in the future (age does not decide: the lock does).
         let later = chrono::Utc::now() + chrono::Duration::hours(1);
         let removed = b.remove_incomplete(later).await.unwrap();
-        assert_eq!(removed, 1);
+        assert_eq!(removed, 3);
         assert!(!dead.exists());
+        assert!(!half.exists());
         // The live process's staged object survives and still lands.
         b.flush_deferred().await.unwrap();
         assert_eq!(&b.get("chunks/ab/live").await.unwrap()[..], b"in flight");
