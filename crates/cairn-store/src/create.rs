@@ -69,15 +69,31 @@ pub struct CreateOptions {
     pub lease_wait: Duration,
     /// The instant the disks were frozen at (default: when creation starts).
     pub snapshot_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Run the chunk jobs (read, hash, compress) on threads of their own at this nice
-    /// value (per thread on Linux), e.g. 19 for a point of a running server, so that
-    /// the guests' I/O in the same process goes first. Default: tokio's blocking pool.
-    pub cpu_nice: Option<i32>,
-    /// With `cpu_nice`: also schedule those threads `SCHED_IDLE` (Linux), so that a
-    /// guest's thread that wakes up preempts them at once instead of waiting out their
-    /// time slice (a nice value only changes their share). They still progress: an idle
-    /// thread keeps a small share of a busy CPU.
-    pub cpu_idle: bool,
+    /// Run the chunk jobs (read, hash, compress) on threads of their own at this
+    /// priority, e.g. [`CpuPriority::BACKGROUND`] for a point of a running server, so
+    /// that the guests' I/O in the same process goes first. Default (`None`): tokio's
+    /// blocking pool.
+    pub cpu_priority: Option<CpuPriority>,
+}
+
+/// The priority of a point's own chunk threads ([`CreateOptions::cpu_priority`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuPriority {
+    /// Their nice value (per thread on Linux).
+    pub nice: i32,
+    /// Also schedule them `SCHED_IDLE` (Linux), so that a guest's thread that wakes up
+    /// preempts them at once instead of waiting out their time slice (a nice value only
+    /// changes their share). They still progress: an idle thread keeps a small share of
+    /// a busy CPU.
+    pub idle: bool,
+}
+
+impl CpuPriority {
+    /// Below everything else: nice 19 and `SCHED_IDLE`.
+    pub const BACKGROUND: CpuPriority = CpuPriority {
+        nice: 19,
+        idle: true,
+    };
 }
 
 impl CreateOptions {
@@ -91,8 +107,7 @@ impl CreateOptions {
             concurrency: default_concurrency(),
             lease_wait: Duration::from_secs(3600),
             snapshot_at: None,
-            cpu_nice: None,
-            cpu_idle: false,
+            cpu_priority: None,
         }
     }
 }
@@ -161,14 +176,14 @@ pub(crate) fn cpu_slots() -> usize {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads of one point creation at a lower priority ([`CreateOptions::cpu_nice`]); they
+/// Threads of one point creation at a lower priority ([`CreateOptions::cpu_priority`]); they
 /// end when it is dropped (the channel closes).
 struct NiceThreads {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl NiceThreads {
-    fn new(threads: usize, nice: i32, idle: bool) -> std::io::Result<NiceThreads> {
+    fn new(threads: usize, priority: CpuPriority) -> std::io::Result<NiceThreads> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..threads {
@@ -178,7 +193,7 @@ impl NiceThreads {
                 .spawn(move || {
                     // Failure only costs priority. The policy first: setting it resets
                     // the nice value.
-                    if idle {
+                    if priority.idle {
                         use thread_priority::{
                             NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
                         };
@@ -189,7 +204,7 @@ impl NiceThreads {
                         );
                     }
                     // Who = 0: this thread only (Linux).
-                    let _ = rustix::process::setpriority_process(None, nice);
+                    let _ = rustix::process::setpriority_process(None, priority.nice);
                     loop {
                         let job = rx.lock().expect("poisoned").recv();
                         match job {
@@ -769,9 +784,9 @@ async fn write_point(
         pool: BufferPool::new(chunk_size as usize, concurrency),
         known: Mutex::new(known),
         quarantined: crate::verify::quarantined(space).await?,
-        nice: match opts.cpu_nice {
-            Some(nice) => Some(
-                NiceThreads::new(cpu_slots(), nice, opts.cpu_idle)
+        nice: match opts.cpu_priority {
+            Some(priority) => Some(
+                NiceThreads::new(cpu_slots(), priority)
                     .map_err(|e| SpaceError::Internal(format!("cannot start threads: {e}")))?,
             ),
             None => None,
@@ -941,13 +956,13 @@ async fn write_point(
 
 #[cfg(test)]
 mod tests {
-    use super::NiceThreads;
+    use super::{CpuPriority, NiceThreads};
     use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
 
-    #[tokio::test]
-    async fn a_live_points_threads_are_idle_and_nice() {
-        let threads = NiceThreads::new(2, 19, true).unwrap();
-        let (policy, nice) = threads
+    /// The scheduling policy and nice value a job of threads at `priority` runs with.
+    async fn seen_by_a_job(priority: CpuPriority) -> (ThreadSchedulePolicy, i32) {
+        let threads = NiceThreads::new(2, priority).unwrap();
+        threads
             .run(|| {
                 (
                     thread_priority::thread_schedule_policy().unwrap(),
@@ -955,23 +970,23 @@ mod tests {
                 )
             })
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_live_points_threads_are_idle_and_nice() {
+        let (policy, nice) = seen_by_a_job(CpuPriority::BACKGROUND).await;
         assert_eq!(
             policy,
             ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle)
         );
         // Setting the policy resets the nice value: it is set after.
         assert_eq!(nice, 19);
-        let plain = NiceThreads::new(1, 10, false).unwrap();
-        let (policy, nice) = plain
-            .run(|| {
-                (
-                    thread_priority::thread_schedule_policy().unwrap(),
-                    rustix::process::getpriority_process(None).unwrap(),
-                )
-            })
-            .await
-            .unwrap();
+        let (policy, nice) = seen_by_a_job(CpuPriority {
+            nice: 10,
+            idle: false,
+        })
+        .await;
         assert_eq!(
             policy,
             ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)

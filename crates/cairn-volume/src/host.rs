@@ -14,7 +14,7 @@ use cairn_format::record::PointRecord;
 use cairn_nbd::export::BlockExport;
 use cairn_nbd::handshake::ExportInfo;
 use cairn_nbd::server::Exports;
-use cairn_store::create::{CreateOptions, ParentChoice, create_point_from};
+use cairn_store::create::{CpuPriority, CreateOptions, ParentChoice, create_point_from};
 use cairn_store::progress::Progress;
 use cairn_store::source::NamedSource;
 use cairn_store::{Space, SpaceError};
@@ -657,8 +657,7 @@ async fn point_of(
         opts.operator = operator.to_string();
         opts.snapshot_at = Some(at);
         // The point's reading, hashing and compressing yield to the guests' I/O.
-        opts.cpu_nice = Some(19);
-        opts.cpu_idle = true;
+        opts.cpu_priority = Some(CpuPriority::BACKGROUND);
         let result = create_point_from(space, &opts, &sources, progress).await;
         drop(sources);
         match result {
