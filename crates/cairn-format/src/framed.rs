@@ -45,8 +45,10 @@
 //! (always a standalone chunk: patches are never stacked). It is what an incremental
 //! point stores for a chunk of which few grains changed: the changed grains only.
 
+/// A grain's BLAKE3 chaining value (its subtree of the chunk's hash tree).
+pub use blake3::hazmat::ChainingValue;
 use blake3::hazmat::{
-    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+    HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
 
 use crate::chunk::{ChunkError, MAGIC, MAX_PLAIN_LEN};

@@ -130,4 +130,27 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = older_than;
         Ok(0)
     }
+    /// The same store's calls as blocking ones, when they are only file system calls (a
+    /// local folder): a caller already on a blocking thread (a point's chunk job) then
+    /// reads, checks and stages an object without handing each call to another thread.
+    /// `None` (the default): only the async calls.
+    fn blocking(&self) -> Option<std::sync::Arc<dyn BlockingBackend>> {
+        None
+    }
+}
+
+/// Blocking calls of a backend of local files ([`Backend::blocking`]), with the same
+/// meaning and errors as their async namesakes. Never call them on an async runtime's
+/// worker thread.
+pub trait BlockingBackend: Send + Sync + fmt::Debug {
+    /// As [`Backend::get`].
+    fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    /// As [`Backend::get_range`].
+    fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, BackendError>;
+    /// Whether an object is stored at `key` (as [`Backend::stat`] is `Some`).
+    fn exists(&self, key: &str) -> Result<bool, BackendError>;
+    /// As [`Backend::put_deferred`], except that it never flushes: `Ok(true)` says the
+    /// staged batch passed its bound, and the caller calls [`Backend::flush_deferred`]
+    /// before it stages more.
+    fn put_deferred(&self, key: &str, data: &[u8]) -> Result<bool, BackendError>;
 }

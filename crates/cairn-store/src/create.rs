@@ -31,7 +31,7 @@ use cairn_format::layout;
 use cairn_format::record::{DiskRecord, PointRecord, PointStats, RECORD_VERSION};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::backend::{Backend, BackendError, PutMode};
+use crate::backend::{Backend, BackendError, BlockingBackend, PutMode};
 use crate::error::SpaceError;
 use crate::image::{BufferPool, Image};
 use crate::lock;
@@ -174,17 +174,17 @@ pub(crate) fn cpu_slots() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+type Task = Box<dyn FnOnce() + Send>;
 
 /// Threads of one point creation at a lower priority ([`CreateOptions::cpu_priority`]); they
 /// end when it is dropped (the channel closes).
 struct NiceThreads {
-    jobs: std::sync::mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::Sender<Task>,
 }
 
 impl NiceThreads {
     fn new(threads: usize, priority: CpuPriority) -> std::io::Result<NiceThreads> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..threads {
             let rx = rx.clone();
@@ -222,7 +222,7 @@ impl NiceThreads {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, SpaceError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
+        let job: Task = Box::new(move || {
             // A panic is reported as the job's failure; the thread goes on.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             let _ = tx.send(r.ok());
@@ -238,13 +238,16 @@ impl NiceThreads {
 /// State shared by every chunk of one point creation.
 struct Writer {
     backend: Arc<dyn Backend>,
+    /// The backend's blocking calls, if it has them (a local folder): a chunk is then
+    /// read, checked, compressed and staged in one job, on one thread.
+    blocking: Option<Arc<dyn BlockingBackend>>,
     codecs: Arc<CodecPool>,
     cpu: tokio::sync::Semaphore,
     pool: Arc<BufferPool>,
     /// Chunks known to be in the space: the parent's, and those handled so far.
-    known: Mutex<HashSet<ChunkId>>,
+    known: Arc<Mutex<HashSet<ChunkId>>>,
     /// Chunks quarantined as damaged: never trusted, stored again when met.
-    quarantined: HashSet<ChunkId>,
+    quarantined: Arc<HashSet<ChunkId>>,
     /// Where chunk jobs run: tokio's blocking pool, or these threads.
     nice: Option<NiceThreads>,
 }
@@ -255,14 +258,105 @@ enum Outcome {
     New { plain: u64, stored: u64 },
 }
 
+/// How a chunk job ended.
+enum Job {
+    /// Nothing (more) to store: the chunk, and what it cost.
+    Done(ChunkRef, Outcome),
+    /// Staged by the job itself (blocking backend); `flush`: the staged batch passed its
+    /// bound.
+    Staged(ChunkRef, Outcome, bool),
+    /// To store from the runtime: the sealed object, its plain bytes, and whether it
+    /// heals a quarantined chunk (stored at once, its marker removed).
+    Store {
+        r: ChunkRef,
+        sealed: Vec<u8>,
+        plain: u64,
+        suspect: bool,
+    },
+}
+
+/// Stages a sealed object from a job, or hands it back to the runtime (no blocking
+/// backend, or a quarantined chunk healed: stored at once).
+fn stage_or_hand_back(
+    blocking: Option<&dyn BlockingBackend>,
+    r: ChunkRef,
+    sealed: Vec<u8>,
+    plain: u64,
+    suspect: bool,
+) -> Result<Job, SpaceError> {
+    let Some(b) = blocking.filter(|_| !suspect) else {
+        return Ok(Job::Store {
+            r,
+            sealed,
+            plain,
+            suspect,
+        });
+    };
+    let stored = sealed.len() as u64;
+    match b.put_deferred(&layout::object_key(&r), &sealed) {
+        Ok(flush) => Ok(Job::Staged(r, Outcome::New { plain, stored }, flush)),
+        // Stored meanwhile by a concurrent task or writer: same content.
+        Err(BackendError::AlreadyExists { .. }) => Ok(Job::Done(r, Outcome::Reused)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Seals a whole chunk (every grain data) and gives its buffer back.
+fn seal_whole(
+    codecs: &CodecPool,
+    pool: &BufferPool,
+    buf: Vec<u8>,
+    cvs: &[framed::ChainingValue],
+) -> Result<Vec<u8>, SpaceError> {
+    let grains: Vec<framed::Grain> = buf.chunks(framed::GRAIN).map(framed::Grain::Data).collect();
+    let sealed =
+        codecs.with(|c| framed::seal(c.compressor(), buf.len(), None, &grains, cvs).map(|s| s.1));
+    drop(grains);
+    pool.give(buf);
+    sealed.map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
+}
+
 impl Writer {
     async fn on_cpu<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, SpaceError> {
+        let _permit = self.cpu.acquire().await.expect("semaphore open");
         match &self.nice {
             Some(threads) => threads.run(f).await,
             None => Ok(tokio::task::spawn_blocking(f).await?),
+        }
+    }
+
+    /// Finishes what a job left: a flush it asked for, or the store it could not do.
+    async fn finish(&self, job: Job) -> Result<(ChunkRef, Outcome), SpaceError> {
+        match job {
+            Job::Done(r, outcome) => Ok((r, outcome)),
+            Job::Staged(r, outcome, flush) => {
+                if flush {
+                    self.backend.flush_deferred().await?;
+                }
+                Ok((r, outcome))
+            }
+            Job::Store {
+                r,
+                sealed,
+                plain,
+                suspect,
+            } => {
+                let outcome = self
+                    .store(&layout::object_key(&r), sealed, plain, suspect)
+                    .await?;
+                if suspect {
+                    // Stored again from good data: the quarantine is over (this heals
+                    // every point that references the chunk).
+                    self.backend.delete(&layout::damaged_key(&r.id)).await?;
+                }
+                if r.base.is_none() {
+                    self.known.lock().expect("poisoned").insert(r.id);
+                }
+                Ok((r, outcome))
+            }
         }
     }
 
@@ -278,72 +372,93 @@ impl Writer {
         let len = usize::try_from(end - start).expect("chunk fits in memory");
         let img = image.clone();
         let pool = self.pool.clone();
-        let permit = self.cpu.acquire().await.expect("semaphore open");
-        let (id, buf, read) = self
+        let known = self.known.clone();
+        let quarantined = self.quarantined.clone();
+        let blocking = self.blocking.clone();
+        let codecs = self.codecs.clone();
+        // Read, hash, the checks that need no request; with a blocking backend also the
+        // existence check, compression and staging: all in one job.
+        let (first, read) = self
             .on_cpu(move || {
                 if !img.may_have_data(start, end) {
                     img.taken(start, end);
-                    return Ok((ChunkId::ZERO, None, 0));
+                    return Ok((
+                        Err(Job::Done(ChunkRef::plain(ChunkId::ZERO), Outcome::Zero)),
+                        0,
+                    ));
                 }
                 let mut buf = pool.take(len);
                 img.read_at(&mut buf, start)?;
                 img.taken(start, end);
+                let read = len as u64;
                 if cairn_format::zero::is_zero(&buf) {
                     pool.give(buf);
-                    return Ok((ChunkId::ZERO, None, len as u64));
+                    return Ok((
+                        Err(Job::Done(ChunkRef::plain(ChunkId::ZERO), Outcome::Zero)),
+                        read,
+                    ));
                 }
                 let (cvs, id) = framed::cvs_of(&buf);
-                Ok::<_, SpaceError>((id, Some((buf, cvs)), len as u64))
+                let suspect = quarantined.contains(&id);
+                let r = ChunkRef::plain(id);
+                let reused = |r| Ok((Err(Job::Done(r, Outcome::Reused)), read));
+                if !suspect
+                    && let Some(p) = parent
+                    && p.id == id
+                {
+                    // The parent's (a patch stays a patch).
+                    pool.give(buf);
+                    return reused(p);
+                }
+                if !suspect && known.lock().expect("poisoned").contains(&id) {
+                    pool.give(buf);
+                    return reused(r);
+                }
+                let Some(b) = blocking.as_deref() else {
+                    return Ok((Ok((r, buf, cvs, suspect)), read));
+                };
+                if b.exists(&layout::chunk_key(&id))? {
+                    pool.give(buf);
+                    known.lock().expect("poisoned").insert(id);
+                    return reused(r);
+                }
+                let sealed = seal_whole(&codecs, &pool, buf, &cvs)?;
+                let job = stage_or_hand_back(Some(b), r, sealed, len as u64, suspect)?;
+                if !matches!(job, Job::Store { .. }) {
+                    known.lock().expect("poisoned").insert(id);
+                }
+                Ok::<_, SpaceError>((Err(job), read))
             })
             .await??;
-        drop(permit);
-        let Some((buf, cvs)) = buf else {
-            return Ok((ChunkRef::plain(id), Outcome::Zero, read));
+        let job = match first {
+            Err(job) => job,
+            // No blocking backend: the existence check from here, then compression.
+            Ok((r, buf, cvs, suspect)) => {
+                if self
+                    .backend
+                    .stat(&layout::chunk_key(&r.id))
+                    .await?
+                    .is_some()
+                {
+                    self.pool.give(buf);
+                    self.known.lock().expect("poisoned").insert(r.id);
+                    Job::Done(r, Outcome::Reused)
+                } else {
+                    let codecs = self.codecs.clone();
+                    let pool = self.pool.clone();
+                    let sealed = self
+                        .on_cpu(move || seal_whole(&codecs, &pool, buf, &cvs))
+                        .await??;
+                    Job::Store {
+                        r,
+                        sealed,
+                        plain: len as u64,
+                        suspect,
+                    }
+                }
+            }
         };
-        let suspect = self.quarantined.contains(&id);
-        if !suspect
-            && let Some(p) = parent
-            && p.id == id
-        {
-            // The parent's (a patch stays a patch).
-            self.pool.give(buf);
-            return Ok((p, Outcome::Reused, read));
-        }
-        let r = ChunkRef::plain(id);
-        if !suspect && self.known.lock().expect("poisoned").contains(&id) {
-            self.pool.give(buf);
-            return Ok((r, Outcome::Reused, read));
-        }
-        let key = layout::chunk_key(&id);
-        if self.backend.stat(&key).await?.is_some() {
-            self.pool.give(buf);
-            self.known.lock().expect("poisoned").insert(id);
-            return Ok((r, Outcome::Reused, read));
-        }
-        let codecs = self.codecs.clone();
-        let pool = self.pool.clone();
-        let permit = self.cpu.acquire().await.expect("semaphore open");
-        let sealed = self
-            .on_cpu(move || {
-                let grains: Vec<framed::Grain> =
-                    buf.chunks(framed::GRAIN).map(framed::Grain::Data).collect();
-                let sealed = codecs.with(|c| {
-                    framed::seal(c.compressor(), buf.len(), None, &grains, &cvs).map(|s| s.1)
-                });
-                drop(grains);
-                pool.give(buf);
-                sealed
-            })
-            .await?
-            .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
-        drop(permit);
-        let outcome = self.store(&key, sealed, len as u64, suspect).await?;
-        if suspect {
-            // Stored again from good data: the quarantine is over (this heals every
-            // point that references the chunk).
-            self.backend.delete(&layout::damaged_key(&id)).await?;
-        }
-        self.known.lock().expect("poisoned").insert(id);
+        let (r, outcome) = self.finish(job).await?;
         Ok((r, outcome, read))
     }
 
@@ -388,10 +503,26 @@ impl Writer {
             return Ok(None);
         }
         let img = image.clone();
-        let permit = self.cpu.acquire().await.expect("semaphore open");
+        let known = self.known.clone();
+        let quarantined = self.quarantined.clone();
+        let blocking = self.blocking.clone();
+        let codecs = self.codecs.clone();
         // The id comes from the grains' chaining values: a chunk already stored is not
         // compressed (as in the whole-chunk path).
-        let (data, cvs, plain, read) = self
+        let seal = move |data: Vec<Option<Vec<u8>>>, cvs: Vec<framed::ChainingValue>| {
+            let grains: Vec<framed::Grain> = data
+                .iter()
+                .map(|d| match d {
+                    Some(d) => framed::Grain::Data(d),
+                    None => framed::Grain::Zero,
+                })
+                .collect();
+            codecs
+                .with(|c| framed::seal(c.compressor(), len, None, &grains, &cvs))
+                .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
+        };
+        let seal2 = seal.clone();
+        let (first, read) = self
             .on_cpu(move || {
                 let mut cvs: Vec<_> = framed::zero_cvs(len).to_vec();
                 let mut data: Vec<Option<Vec<u8>>> = vec![None; n];
@@ -408,50 +539,65 @@ impl Writer {
                     }
                 }
                 img.taken(start, end);
-                Ok::<_, SpaceError>((data, cvs, plain, read))
+                if plain == 0 {
+                    return Ok((
+                        Err(Job::Done(ChunkRef::plain(ChunkId::ZERO), Outcome::Zero)),
+                        read,
+                    ));
+                }
+                let id = framed::root_of(&cvs, len, framed::GRAIN);
+                let r = ChunkRef::plain(id);
+                let suspect = quarantined.contains(&id);
+                if !suspect && known.lock().expect("poisoned").contains(&id) {
+                    return Ok((Err(Job::Done(r, Outcome::Reused)), read));
+                }
+                let Some(b) = blocking.as_deref() else {
+                    return Ok((Ok((r, data, cvs, plain, suspect)), read));
+                };
+                if !suspect && b.exists(&layout::chunk_key(&id))? {
+                    known.lock().expect("poisoned").insert(id);
+                    return Ok((Err(Job::Done(r, Outcome::Reused)), read));
+                }
+                let (sealed_id, sealed) = seal(data, cvs)?;
+                debug_assert_eq!(
+                    sealed_id, id,
+                    "the sealed chunk's id is its chaining values' root"
+                );
+                let job = stage_or_hand_back(Some(b), r, sealed, plain, suspect)?;
+                if !matches!(job, Job::Store { .. }) {
+                    known.lock().expect("poisoned").insert(id);
+                }
+                Ok::<_, SpaceError>((Err(job), read))
             })
             .await??;
-        drop(permit);
-        if plain == 0 {
-            return Ok(Some((ChunkRef::plain(ChunkId::ZERO), Outcome::Zero, read)));
-        }
-        let id = framed::root_of(&cvs, len, framed::GRAIN);
-        let r = ChunkRef::plain(id);
-        let suspect = self.quarantined.contains(&id);
-        if !suspect && self.known.lock().expect("poisoned").contains(&id) {
-            return Ok(Some((r, Outcome::Reused, read)));
-        }
-        let key = layout::chunk_key(&id);
-        if !suspect && self.backend.stat(&key).await?.is_some() {
-            self.known.lock().expect("poisoned").insert(id);
-            return Ok(Some((r, Outcome::Reused, read)));
-        }
-        let codecs = self.codecs.clone();
-        let permit = self.cpu.acquire().await.expect("semaphore open");
-        let sealed = self
-            .on_cpu(move || {
-                let grains: Vec<framed::Grain> = data
-                    .iter()
-                    .map(|d| match d {
-                        Some(d) => framed::Grain::Data(d),
-                        None => framed::Grain::Zero,
-                    })
-                    .collect();
-                codecs
-                    .with(|c| framed::seal(c.compressor(), len, None, &grains, &cvs))
-                    .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
-            })
-            .await??;
-        drop(permit);
-        debug_assert_eq!(
-            sealed.0, id,
-            "the sealed chunk's id is its chaining values' root"
-        );
-        let outcome = self.store(&key, sealed.1, plain, suspect).await?;
-        if suspect {
-            self.backend.delete(&layout::damaged_key(&id)).await?;
-        }
-        self.known.lock().expect("poisoned").insert(id);
+        let job = match first {
+            Err(job) => job,
+            Ok((r, data, cvs, plain, suspect)) => {
+                if !suspect
+                    && self
+                        .backend
+                        .stat(&layout::chunk_key(&r.id))
+                        .await?
+                        .is_some()
+                {
+                    self.known.lock().expect("poisoned").insert(r.id);
+                    Job::Done(r, Outcome::Reused)
+                } else {
+                    let (sealed_id, sealed) = self.on_cpu(move || seal2(data, cvs)).await??;
+                    debug_assert_eq!(
+                        sealed_id, r.id,
+                        "the sealed chunk's id is its chaining values' root"
+                    );
+                    Job::Store {
+                        r,
+                        sealed,
+                        plain,
+                        suspect,
+                    }
+                }
+            }
+        };
+        let (r, outcome) = self.finish(job).await?;
         Ok(Some((r, outcome, read)))
     }
 
@@ -481,47 +627,48 @@ impl Writer {
         }
         let key = layout::object_key(&old);
         // The old chunk's table (a patch is small: read whole, its frames are kept).
-        let stored = match old.base {
-            Some(_) => self.backend.get(&key).await,
+        let table = framed::table_len(len) as u64;
+        let blocking = self.blocking.clone();
+        let fetched = match &blocking {
+            // Read in the job.
+            Some(_) => None,
             None => {
-                self.backend
-                    .get_range(&key, 0..framed::table_len(len) as u64)
-                    .await
+                let stored = match old.base {
+                    Some(_) => self.backend.get(&key).await,
+                    None => self.backend.get_range(&key, 0..table).await,
+                };
+                match stored {
+                    Ok(b) => Some(b),
+                    Err(BackendError::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
-        let stored = match stored {
-            Ok(b) => b,
-            Err(BackendError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        if !framed::is_framed(&stored) {
-            return Ok(None);
-        }
-        let Ok(h) = framed::parse_header(&stored) else {
-            return Ok(None);
-        };
-        if h.plain_len != len || h.grain() != framed::GRAIN || h.base != old.base {
-            return Ok(None);
-        }
-        let n = h.entries.len();
-        let mut own: Vec<bool> = h
-            .entries
-            .iter()
-            .map(|e| old.base.is_some() && e.kind != framed::Kind::Base)
-            .collect();
-        for &(g, _) in changed {
-            own[g] = true;
-        }
-        if own.iter().filter(|&&o| o).count() > n / 4 {
-            return Ok(None);
-        }
         let changed = changed.to_vec();
         // Only the changed grains are read; the rest is the base's, or the old patch's.
         let img = image.clone();
         let codecs = self.codecs.clone();
-        let permit = self.cpu.acquire().await.expect("semaphore open");
-        let (sealed, id, read) = self
+        let job = self
             .on_cpu(move || {
+                let stored = match fetched {
+                    Some(b) => b,
+                    None => {
+                        let b = blocking.as_deref().expect("no fetch: blocking");
+                        let stored = match old.base {
+                            Some(_) => b.get(&key),
+                            None => b.get_range(&key, 0..table),
+                        };
+                        match stored {
+                            Ok(b) => b,
+                            Err(BackendError::NotFound { .. }) => return Ok(None),
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                };
+                let Some((h, own)) = patch_fits(&stored, len, old.base, &changed) else {
+                    return Ok(None);
+                };
+                let n = h.entries.len();
                 // Per changed grain: its content, and the blocks that differ from the
                 // base's grain (`None`: store it whole).
                 let mut data: Vec<Option<(Vec<u8>, Option<u16>)>> = vec![None; n];
@@ -558,46 +705,82 @@ impl Writer {
                 let (id, sealed) = codecs
                     .with(|c| framed::seal(c.compressor(), len, Some(base), &grains, &cvs))
                     .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))?;
-                // The patch's own plain bytes: whole grains, or a delta's blocks.
-                let patch_bytes: u64 = grains
-                    .iter()
-                    .enumerate()
-                    .map(|(g, grain)| {
-                        let glen = h.grain_range(g).len();
-                        let mask = match grain {
-                            framed::Grain::Delta { mask, .. } => *mask,
-                            framed::Grain::Stored {
-                                kind: framed::Kind::Delta,
-                                bytes,
-                            } => u16::from_le_bytes([bytes[0], bytes[1]]),
-                            framed::Grain::Base => 0,
-                            _ => u16::MAX,
-                        };
-                        framed::delta_blocks(mask, glen, framed::GRAIN / framed::DELTA_BLOCKS)
-                            .map_or(glen, |b| b.map(|r| r.len()).sum())
-                            as u64
-                    })
-                    .sum();
-                Ok::<_, SpaceError>((sealed, id, (read, patch_bytes)))
+                if id == old.id {
+                    return Ok(Some((Job::Done(old, Outcome::Reused), read)));
+                }
+                if id == base {
+                    return Ok(Some((
+                        Job::Done(ChunkRef::plain(base), Outcome::Reused),
+                        read,
+                    )));
+                }
+                let patch_bytes = patch_plain_bytes(&h, &grains);
+                drop(grains);
+                let r = ChunkRef {
+                    id,
+                    base: Some(base),
+                };
+                let job = stage_or_hand_back(blocking.as_deref(), r, sealed, patch_bytes, false)?;
+                Ok::<_, SpaceError>(Some((job, read)))
             })
             .await??;
-        drop(permit);
-        let (read, patch_bytes) = read;
-        if id == old.id {
-            return Ok(Some((old, Outcome::Reused, read)));
-        }
-        if id == base {
-            return Ok(Some((ChunkRef::plain(base), Outcome::Reused, read)));
-        }
-        let r = ChunkRef {
-            id,
-            base: Some(base),
+        let Some((job, read)) = job else {
+            return Ok(None);
         };
-        let outcome = self
-            .store(&layout::object_key(&r), sealed, patch_bytes, false)
-            .await?;
+        let (r, outcome) = self.finish(job).await?;
         Ok(Some((r, outcome, read)))
     }
+}
+
+/// The old chunk's header, and which grains a patch over its base owns (its changed
+/// grains and the old patch's own), if a patch fits: `stored` (the old chunk's table, or
+/// the whole old patch) is framed, of this length and grain, over the same base, and the
+/// patch would own at most a quarter of the grains.
+fn patch_fits(
+    stored: &[u8],
+    len: usize,
+    old_base: Option<ChunkId>,
+    changed: &[(usize, u16)],
+) -> Option<(framed::Header, Vec<bool>)> {
+    if !framed::is_framed(stored) {
+        return None;
+    }
+    let h = framed::parse_header(stored).ok()?;
+    if h.plain_len != len || h.grain() != framed::GRAIN || h.base != old_base {
+        return None;
+    }
+    let n = h.entries.len();
+    let mut own: Vec<bool> = h
+        .entries
+        .iter()
+        .map(|e| old_base.is_some() && e.kind != framed::Kind::Base)
+        .collect();
+    for &(g, _) in changed {
+        *own.get_mut(g)? = true;
+    }
+    (own.iter().filter(|&&o| o).count() <= n / 4).then_some((h, own))
+}
+
+/// A patch's own plain bytes: whole grains, or a delta's blocks.
+fn patch_plain_bytes(h: &framed::Header, grains: &[framed::Grain]) -> u64 {
+    grains
+        .iter()
+        .enumerate()
+        .map(|(g, grain)| {
+            let glen = h.grain_range(g).len();
+            let mask = match grain {
+                framed::Grain::Delta { mask, .. } => *mask,
+                framed::Grain::Stored {
+                    kind: framed::Kind::Delta,
+                    bytes,
+                } => u16::from_le_bytes([bytes[0], bytes[1]]),
+                framed::Grain::Base => 0,
+                _ => u16::MAX,
+            };
+            framed::delta_blocks(mask, glen, framed::GRAIN / framed::DELTA_BLOCKS)
+                .map_or(glen, |b| b.map(|r| r.len()).sum()) as u64
+        })
+        .sum()
 }
 
 /// The blocks of grain `g` that a new patch stores as a delta over the base's grain, given
@@ -782,8 +965,9 @@ async fn write_point(
         codecs: Arc::new(CodecPool::new(space.config().compression_level)),
         cpu: tokio::sync::Semaphore::new(cpu_slots()),
         pool: BufferPool::new(chunk_size as usize, concurrency),
-        known: Mutex::new(known),
-        quarantined: crate::verify::quarantined(space).await?,
+        known: Arc::new(Mutex::new(known)),
+        quarantined: Arc::new(crate::verify::quarantined(space).await?),
+        blocking: space.backend().blocking(),
         nice: match opts.cpu_priority {
             Some(priority) => Some(
                 NiceThreads::new(cpu_slots(), priority)
@@ -821,6 +1005,7 @@ async fn write_point(
         .zip(&bases)
         .zip(sources.iter().map(|s| &s.source))
     {
+        let disk_started = Instant::now();
         let size = image.size();
         let parent_index = parent_indexes
             .iter()
@@ -899,6 +1084,7 @@ async fn write_point(
             progress.advance(len);
         }
         drop(results);
+        let chunks_done = Instant::now();
         let index = DiskIndex {
             disk_size: size,
             chunk_size,
@@ -907,6 +1093,7 @@ async fn write_point(
         };
         // Every chunk and patch the index names is durable before the index is written.
         space.backend().flush_deferred().await?;
+        let flushed = Instant::now();
         let encoded = index.encode();
         let checksum = DiskIndex::checksum_of(&encoded);
         let key = layout::index_key(&id, &source.name);
@@ -914,6 +1101,13 @@ async fn write_point(
             .backend()
             .put(&key, Bytes::from(encoded), PutMode::Overwrite)
             .await?;
+        tracing::debug!(
+            disk = %source.name,
+            chunks_ms = (chunks_done - disk_started).as_millis(),
+            flush_ms = (flushed - chunks_done).as_millis(),
+            index_ms = flushed.elapsed().as_millis(),
+            "disk taken"
+        );
         stats.add(&dstats);
         disks.push(DiskRecord {
             name: source.name.clone(),

@@ -25,8 +25,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::{BackendError, map_io};
 
@@ -38,6 +38,11 @@ const LOCK: &str = "lock#0";
 
 /// A batch is flushed by the writer that makes its staged bytes pass this.
 pub(crate) const FLUSH_BYTES: u64 = 256 << 20;
+
+/// A batch of this many staged files is published in the background (synced and linked
+/// while the point goes on), one such batch at a time: a flush then waits only for
+/// that one and the files staged since.
+pub(crate) const EARLY_FILES: usize = 512;
 
 /// One process's staging folder and what it holds, not yet flushed.
 #[derive(Debug)]
@@ -51,6 +56,34 @@ pub(crate) struct Deferred {
     /// One flush at a time: a flush that returns has made durable everything staged
     /// before it started, including what a concurrent flush had taken.
     flushing: tokio::sync::Mutex<()>,
+    /// The batch being published in the background, if any.
+    early: Arc<Early>,
+}
+
+/// The background publication of a batch ([`EARLY_FILES`]).
+#[derive(Debug, Default)]
+struct Early {
+    state: Mutex<EarlyState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct EarlyState {
+    running: bool,
+    /// Its error, for the next flush to return (nothing is lost: its objects were
+    /// promised durable at that flush).
+    error: Option<BackendError>,
+}
+
+impl Early {
+    /// Waits until no batch is being published; the error of the last one that failed.
+    fn wait(&self) -> Option<BackendError> {
+        let mut st = self.state.lock().expect("poisoned");
+        while st.running {
+            st = self.done.wait(st).expect("poisoned");
+        }
+        st.error.take()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -98,52 +131,71 @@ impl Deferred {
             next: AtomicU64::new(0),
             pending: Mutex::new(Batch::default()),
             flushing: tokio::sync::Mutex::new(()),
+            early: Arc::default(),
         })
     }
 
     /// Writes `data` for `key` to a staging file; it reaches `key` at the next flush.
-    pub(crate) async fn stage(
-        &self,
-        key: &str,
-        data: bytes::Bytes,
-    ) -> Result<Staged, BackendError> {
+    /// Blocking: call it on a blocking thread.
+    pub(crate) fn stage(&self, key: &str, data: &[u8]) -> Result<Staged, BackendError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         // `<n>#<n>`: a name `object_store`'s listing skips, should it ever walk here.
         let staged = self.dir.join(format!("{n}#{n}"));
-        let len = data.len() as u64;
-        let path = staged.clone();
-        let k = key.to_string();
-        tokio::task::spawn_blocking(move || -> Result<(), BackendError> {
-            let mut f = File::create(&path).map_err(|e| map_io(&k, &e))?;
-            f.write_all(&data).map_err(|e| {
-                let _ = std::fs::remove_file(&path);
-                map_io(&k, &e)
-            })
-        })
-        .await
-        .map_err(|e| blocking_error(key, e))??;
+        let mut f = File::create(&staged).map_err(|e| map_io(key, &e))?;
+        f.write_all(data).map_err(|e| {
+            let _ = std::fs::remove_file(&staged);
+            map_io(key, &e)
+        })?;
+        drop(f);
         let mut b = self.pending.lock().expect("poisoned");
         // Staged again all the same: this caller's flush must not depend on another's.
         let duplicate = !b.keys.insert(key.to_string());
         b.files.push((staged, key.to_string()));
-        b.bytes += len;
-        Ok(Staged {
-            flush: b.bytes >= FLUSH_BYTES,
-            duplicate,
-        })
+        b.bytes += data.len() as u64;
+        let flush = b.bytes >= FLUSH_BYTES;
+        if b.files.len() >= EARLY_FILES {
+            let mut st = self.early.state.lock().expect("poisoned");
+            if !st.running {
+                // Published in the background; `keys` stays (its objects are on their
+                // way until the next flush) and so does the staged byte count (bounded
+                // staging counts what is not yet flushed).
+                st.running = true;
+                let files = std::mem::take(&mut b.files);
+                let (root, early) = (self.root.clone(), self.early.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("cairn-publish".into())
+                    .spawn(move || {
+                        let r = publish(&root, files);
+                        let mut st = early.state.lock().expect("poisoned");
+                        st.running = false;
+                        if let Err(e) = r {
+                            st.error.get_or_insert(e);
+                        }
+                        early.done.notify_all();
+                    });
+                if let Err(e) = spawned {
+                    st.running = false;
+                    st.error.get_or_insert(map_io(key, &e));
+                }
+            }
+        }
+        Ok(Staged { flush, duplicate })
     }
 
     /// Makes every object staged so far durable at its key.
     pub(crate) async fn flush(&self) -> Result<(), BackendError> {
         let _one = self.flushing.lock().await;
         let batch = std::mem::take(&mut *self.pending.lock().expect("poisoned"));
-        if batch.files.is_empty() {
-            return Ok(());
-        }
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || publish(&root, batch.files))
-            .await
-            .map_err(|e| blocking_error("chunks/", e))?
+        let (root, early) = (self.root.clone(), self.early.clone());
+        tokio::task::spawn_blocking(move || {
+            // The background batch first: it was staged before these files.
+            if let Some(e) = early.wait() {
+                return Err(e);
+            }
+            publish(&root, batch.files)
+        })
+        .await
+        .map_err(|e| blocking_error("chunks/", e))?
     }
 }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use super::{Backend, BackendError, ObjectInfo, PutMode};
+use super::{Backend, BackendError, BlockingBackend, ObjectInfo, PutMode};
 
 /// Which backend call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,5 +158,46 @@ impl Backend for FaultBackend {
             return futures::stream::once(async move { Err(e) }).boxed();
         }
         self.inner.list(prefix)
+    }
+
+    fn blocking(&self) -> Option<Arc<dyn BlockingBackend>> {
+        Some(Arc::new(FaultBlocking {
+            inner: self.inner.blocking()?,
+            outer: self.clone(),
+        }))
+    }
+}
+
+/// The blocking calls of a [`FaultBackend`]'s inner backend, under the same rule and
+/// counters.
+#[derive(Debug)]
+struct FaultBlocking {
+    inner: Arc<dyn BlockingBackend>,
+    outer: FaultBackend,
+}
+
+impl BlockingBackend for FaultBlocking {
+    fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        self.outer.check(Op::Get, key)?;
+        self.inner.get(key)
+    }
+
+    fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, BackendError> {
+        self.outer.check(Op::Get, key)?;
+        self.inner.get_range(key, range)
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        self.outer.check(Op::Stat, key)?;
+        self.inner.exists(key)
+    }
+
+    fn put_deferred(&self, key: &str, data: &[u8]) -> Result<bool, BackendError> {
+        self.outer.check(Op::Put, key)?;
+        self.outer
+            .counts
+            .put_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.inner.put_deferred(key, data)
     }
 }

@@ -10,7 +10,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
 
 use super::deferred::{self, Deferred};
-use super::{Backend, BackendError, ObjectInfo, PutMode};
+use super::{Backend, BackendError, BlockingBackend, ObjectInfo, PutMode};
 
 /// A recovery space stored in an `object_store` store.
 #[derive(Debug, Clone)]
@@ -127,6 +127,90 @@ impl ObjectStoreBackend {
     }
 }
 
+/// This process's staging folder of the local space at `root`, made at the first use.
+fn staging<'a>(
+    root: &std::path::Path,
+    cell: &'a std::sync::OnceLock<Deferred>,
+) -> Result<&'a Deferred, BackendError> {
+    if let Some(d) = cell.get() {
+        return Ok(d);
+    }
+    let d = Deferred::open(root).map_err(|e| map_io(deferred::DEFERRED_DIR, &e))?;
+    // A concurrent first use may have won: its folder is used, this one dropped.
+    let _ = cell.set(d);
+    Ok(cell.get().expect("just set"))
+}
+
+/// The blocking calls of a local space ([`Backend::blocking`]): plain file calls on the
+/// files `LocalFileSystem` keeps at `<root>/<key>`, and the same staging folder.
+#[derive(Debug)]
+struct LocalBlocking {
+    root: std::path::PathBuf,
+    deferred: Arc<std::sync::OnceLock<Deferred>>,
+}
+
+impl LocalBlocking {
+    fn open(&self, key: &str) -> Result<std::fs::File, BackendError> {
+        std::fs::File::open(self.root.join(key)).map_err(|e| map_io(key, &e))
+    }
+}
+
+impl BlockingBackend for LocalBlocking {
+    fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        self.open(key)?
+            .read_to_end(&mut buf)
+            .map_err(|e| map_io(key, &e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, BackendError> {
+        use std::os::unix::fs::FileExt;
+        let f = self.open(key)?;
+        let want = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
+        let size = f.metadata().map_err(|e| map_io(key, &e))?.len();
+        if range.start >= size || want == 0 {
+            return Err(BackendError::Io {
+                key: key.to_string(),
+                detail: format!("invalid range {range:?} of an object of {size} bytes"),
+                retryable: false,
+            });
+        }
+        let mut buf =
+            vec![0u8; want.min(usize::try_from(size - range.start).unwrap_or(usize::MAX))];
+        let mut at = 0;
+        while at < buf.len() {
+            match f.read_at(&mut buf[at..], range.start + at as u64) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(map_io(key, &e)),
+            }
+        }
+        buf.truncate(at);
+        Ok(Bytes::from(buf))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        match std::fs::metadata(self.root.join(key)) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(map_io(key, &e)),
+        }
+    }
+
+    fn put_deferred(&self, key: &str, data: &[u8]) -> Result<bool, BackendError> {
+        let staged = staging(&self.root, &self.deferred)?.stage(key, data)?;
+        if staged.duplicate {
+            return Err(BackendError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        Ok(staged.flush)
+    }
+}
+
 fn path(key: &str) -> Path {
     Path::from(key)
 }
@@ -226,21 +310,17 @@ impl Backend for ObjectStoreBackend {
     }
 
     async fn put_deferred(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        let Some(root) = &self.local_root else {
+        let Some(root) = self.local_root.clone() else {
             return self.put(key, data, PutMode::CreateNew).await;
         };
-        let staging = match self.deferred.get() {
-            Some(d) => d,
-            None => {
-                let d = Deferred::open(root).map_err(|e| map_io(deferred::DEFERRED_DIR, &e))?;
-                // A concurrent first use may have won: its folder is used, this one dropped.
-                let _ = self.deferred.set(d);
-                self.deferred.get().expect("just set")
-            }
-        };
-        let staged = staging.stage(key, data).await?;
+        let deferred = self.deferred.clone();
+        let k = key.to_string();
+        let staged =
+            tokio::task::spawn_blocking(move || staging(&root, &deferred)?.stage(&k, &data))
+                .await
+                .map_err(|e| deferred::blocking_error(key, e))??;
         if staged.flush {
-            staging.flush().await?;
+            self.flush_deferred().await?;
         }
         if staged.duplicate {
             return Err(BackendError::AlreadyExists {
@@ -248,6 +328,14 @@ impl Backend for ObjectStoreBackend {
             });
         }
         Ok(())
+    }
+
+    fn blocking(&self) -> Option<Arc<dyn BlockingBackend>> {
+        let root = self.local_root.clone()?;
+        Some(Arc::new(LocalBlocking {
+            root,
+            deferred: self.deferred.clone(),
+        }))
     }
 
     async fn flush_deferred(&self) -> Result<(), BackendError> {

@@ -136,3 +136,155 @@ fn a_memory_space_puts_at_once() {
         b.flush_deferred().await.unwrap();
     });
 }
+
+/// More than two background batches' worth (a batch of 512 staged files is published
+/// while staging goes on).
+const MANY: usize = 1_100;
+
+#[test]
+fn batches_published_in_the_background_land_by_the_flush_and_keep_their_errors() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let b = ObjectStoreBackend::local(dir.path()).unwrap();
+        for i in 0..MANY {
+            b.put_deferred(
+                &format!("chunks/{:02x}/{i}", i % 256),
+                Bytes::from(i.to_string()),
+            )
+            .await
+            .unwrap();
+        }
+        // The first key's batch went out in the background: it is still "on its way".
+        assert!(matches!(
+            b.put_deferred("chunks/00/0", Bytes::from_static(b"0"))
+                .await
+                .unwrap_err(),
+            BackendError::AlreadyExists { .. }
+        ));
+        b.flush_deferred().await.unwrap();
+        for i in 0..MANY {
+            let got = b.get(&format!("chunks/{:02x}/{i}", i % 256)).await.unwrap();
+            assert_eq!(&got[..], i.to_string().as_bytes());
+        }
+        let staged = files_under(&dir.path().join(".deferred"));
+        assert_eq!(staged.len(), 1, "only the lock file is left: {staged:?}");
+
+        // A background batch that fails (an object whose folder is a file) fails the
+        // next flush, naming the object; nothing is silently dropped.
+        std::fs::create_dir_all(dir.path().join("patches")).unwrap();
+        std::fs::write(dir.path().join("patches/zz"), b"not a folder").unwrap();
+        b.put_deferred("patches/zz/bad", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        for i in 0..MANY {
+            b.put_deferred(
+                &format!("patches/{:02x}/{i}", i % 256),
+                Bytes::from_static(b"p"),
+            )
+            .await
+            .unwrap();
+        }
+        let err = b.flush_deferred().await.unwrap_err();
+        assert!(err.to_string().contains("patches/zz/bad"), "{err}");
+        // The error was reported once; what else was staged can still be flushed.
+        b.flush_deferred().await.unwrap();
+    });
+}
+
+#[test]
+fn a_local_spaces_blocking_calls_match_its_async_ones() {
+    use cairn_store::backend::{FaultBackend, Op, PutMode};
+    use std::sync::Arc;
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let local = Arc::new(ObjectStoreBackend::local(dir.path()).unwrap());
+        assert!(ObjectStoreBackend::memory().blocking().is_none());
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        local
+            .put(
+                "chunks/ab/obj",
+                Bytes::from(data.clone()),
+                PutMode::CreateNew,
+            )
+            .await
+            .unwrap();
+        let blocking = local.blocking().expect("a local space has blocking calls");
+        let (bl, key) = (blocking.clone(), "chunks/ab/obj");
+        let ranges = [0..10, 0..10_000, 9_990..20_000, 1..9_999];
+        for r in ranges {
+            let want = local
+                .get_range(key, r.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{r:?}: {e}"));
+            let bl = bl.clone();
+            let rr = r.clone();
+            let got = tokio::task::spawn_blocking(move || bl.get_range(key, rr))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, want, "range {r:?}");
+        }
+        let bl = blocking.clone();
+        tokio::task::spawn_blocking(move || {
+            assert_eq!(&bl.get(key).unwrap()[..], &data[..]);
+            assert!(bl.exists(key).unwrap());
+            assert!(!bl.exists("chunks/ab/none").unwrap());
+            assert!(
+                !bl.exists("chunks/ab").unwrap(),
+                "a folder is not an object"
+            );
+            assert!(matches!(
+                bl.get("chunks/ab/none").unwrap_err(),
+                BackendError::NotFound { .. }
+            ));
+            assert!(matches!(
+                bl.get_range("chunks/ab/none", 0..4).unwrap_err(),
+                BackendError::NotFound { .. }
+            ));
+            // Refused, as by the async call: an empty range, one past the end.
+            assert!(bl.get_range(key, 5_000..5_000).is_err());
+            assert!(bl.get_range(key, 10_000..10_004).is_err());
+            // Staged, not visible until the (async) flush; a second stage is "on its way".
+            assert!(!bl.put_deferred("patches/cd/new", b"staged").unwrap());
+            assert!(!bl.exists("patches/cd/new").unwrap());
+            assert!(matches!(
+                bl.put_deferred("patches/cd/new", b"staged").unwrap_err(),
+                BackendError::AlreadyExists { .. }
+            ));
+        })
+        .await
+        .unwrap();
+        local.flush_deferred().await.unwrap();
+        assert_eq!(&local.get("patches/cd/new").await.unwrap()[..], b"staged");
+
+        // A fault decorator's blocking calls obey its rule and are counted.
+        let faulty = FaultBackend::new(
+            local.clone(),
+            Arc::new(|op, key: &str, _| {
+                (op == Op::Put && key.contains("fail")).then(|| BackendError::NoSpace {
+                    key: key.to_string(),
+                })
+            }),
+        );
+        let counts = faulty.counts();
+        let bl = faulty.blocking().expect("the inner backend's, decorated");
+        tokio::task::spawn_blocking(move || {
+            assert!(matches!(
+                bl.put_deferred("chunks/ee/fail", b"x").unwrap_err(),
+                BackendError::NoSpace { .. }
+            ));
+            bl.put_deferred("chunks/ee/ok", b"ok").unwrap();
+            assert!(bl.exists(key).unwrap());
+            bl.get(key).unwrap();
+        })
+        .await
+        .unwrap();
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(counts.put.load(Relaxed), 2);
+        assert_eq!(counts.stat.load(Relaxed), 1);
+        assert_eq!(counts.get.load(Relaxed), 1);
+        faulty.flush_deferred().await.unwrap();
+        assert!(local.stat("chunks/ee/ok").await.unwrap().is_some());
+        assert!(local.stat("chunks/ee/fail").await.unwrap().is_none());
+    });
+}
