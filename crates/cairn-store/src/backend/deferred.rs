@@ -188,11 +188,15 @@ impl Deferred {
         let batch = std::mem::take(&mut *self.pending.lock().expect("poisoned"));
         let (root, early) = (self.root.clone(), self.early.clone());
         tokio::task::spawn_blocking(move || {
-            // The background batch first: it was staged before these files.
-            if let Some(e) = early.wait() {
-                return Err(e);
+            // The background batch first: it was staged before these files. Its error
+            // is this flush's, but these files are published all the same (nothing
+            // staged is left behind by an error elsewhere).
+            let failed = early.wait();
+            let published = publish(&root, batch.files);
+            match failed {
+                Some(e) => Err(e),
+                None => published,
             }
-            publish(&root, batch.files)
         })
         .await
         .map_err(|e| blocking_error("chunks/", e))?

@@ -184,8 +184,13 @@ fn batches_published_in_the_background_land_by_the_flush_and_keep_their_errors()
             .await
             .unwrap();
         }
+        b.put_deferred("patches/ab/last", Bytes::from_static(b"last"))
+            .await
+            .unwrap();
         let err = b.flush_deferred().await.unwrap_err();
         assert!(err.to_string().contains("patches/zz/bad"), "{err}");
+        // What that flush itself took is published all the same.
+        assert_eq!(&b.get("patches/ab/last").await.unwrap()[..], b"last");
         // The error was reported once; what else was staged can still be flushed.
         b.flush_deferred().await.unwrap();
     });
