@@ -316,6 +316,25 @@ fn seal_whole(
     sealed.map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
 }
 
+/// Seals a sparse chunk: its data grains, zero grains elsewhere.
+fn seal_sparse(
+    codecs: &CodecPool,
+    len: usize,
+    data: &[Option<Vec<u8>>],
+    cvs: &[framed::ChainingValue],
+) -> Result<(ChunkId, Vec<u8>), SpaceError> {
+    let grains: Vec<framed::Grain> = data
+        .iter()
+        .map(|d| match d {
+            Some(d) => framed::Grain::Data(d),
+            None => framed::Grain::Zero,
+        })
+        .collect();
+    codecs
+        .with(|c| framed::seal(c.compressor(), len, None, &grains, cvs))
+        .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
+}
+
 impl Writer {
     async fn on_cpu<T: Send + 'static>(
         &self,
@@ -509,19 +528,6 @@ impl Writer {
         let codecs = self.codecs.clone();
         // The id comes from the grains' chaining values: a chunk already stored is not
         // compressed (as in the whole-chunk path).
-        let seal = move |data: Vec<Option<Vec<u8>>>, cvs: Vec<framed::ChainingValue>| {
-            let grains: Vec<framed::Grain> = data
-                .iter()
-                .map(|d| match d {
-                    Some(d) => framed::Grain::Data(d),
-                    None => framed::Grain::Zero,
-                })
-                .collect();
-            codecs
-                .with(|c| framed::seal(c.compressor(), len, None, &grains, &cvs))
-                .map_err(|e| SpaceError::Internal(format!("compression failed: {e}")))
-        };
-        let seal2 = seal.clone();
         let (first, read) = self
             .on_cpu(move || {
                 let mut cvs: Vec<_> = framed::zero_cvs(len).to_vec();
@@ -558,7 +564,7 @@ impl Writer {
                     known.lock().expect("poisoned").insert(id);
                     return Ok((Err(Job::Done(r, Outcome::Reused)), read));
                 }
-                let (sealed_id, sealed) = seal(data, cvs)?;
+                let (sealed_id, sealed) = seal_sparse(&codecs, len, &data, &cvs)?;
                 debug_assert_eq!(
                     sealed_id, id,
                     "the sealed chunk's id is its chaining values' root"
@@ -583,7 +589,10 @@ impl Writer {
                     self.known.lock().expect("poisoned").insert(r.id);
                     Job::Done(r, Outcome::Reused)
                 } else {
-                    let (sealed_id, sealed) = self.on_cpu(move || seal2(data, cvs)).await??;
+                    let codecs = self.codecs.clone();
+                    let (sealed_id, sealed) = self
+                        .on_cpu(move || seal_sparse(&codecs, len, &data, &cvs))
+                        .await??;
                     debug_assert_eq!(
                         sealed_id, r.id,
                         "the sealed chunk's id is its chaining values' root"

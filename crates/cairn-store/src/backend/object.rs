@@ -17,10 +17,8 @@ use super::{Backend, BackendError, BlockingBackend, ObjectInfo, PutMode};
 pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
     describe: String,
-    /// The folder of a local space, for cleaning up staging files.
-    local_root: Option<std::path::PathBuf>,
-    /// A local space's staging folder for `put_deferred`, made at the first use.
-    deferred: Arc<std::sync::OnceLock<Deferred>>,
+    /// A local space: its folder and staging folder, with the blocking calls on them.
+    local: Option<Arc<LocalBlocking>>,
 }
 
 impl ObjectStoreBackend {
@@ -29,8 +27,7 @@ impl ObjectStoreBackend {
         ObjectStoreBackend {
             store,
             describe: describe.into(),
-            local_root: None,
-            deferred: Arc::default(),
+            local: None,
         }
     }
 
@@ -43,7 +40,10 @@ impl ObjectStoreBackend {
             .with_fsync(true);
         let shown = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
         let mut backend = Self::new(Arc::new(store), format!("file://{}", shown.display()));
-        backend.local_root = Some(shown);
+        backend.local = Some(Arc::new(LocalBlocking {
+            root: shown,
+            deferred: std::sync::OnceLock::new(),
+        }));
         Ok(backend)
     }
 
@@ -146,7 +146,8 @@ fn staging<'a>(
 #[derive(Debug)]
 struct LocalBlocking {
     root: std::path::PathBuf,
-    deferred: Arc<std::sync::OnceLock<Deferred>>,
+    /// This process's staging folder for `put_deferred`, made at the first use.
+    deferred: std::sync::OnceLock<Deferred>,
 }
 
 impl LocalBlocking {
@@ -310,36 +311,25 @@ impl Backend for ObjectStoreBackend {
     }
 
     async fn put_deferred(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        let Some(root) = self.local_root.clone() else {
+        let Some(local) = self.local.clone() else {
             return self.put(key, data, PutMode::CreateNew).await;
         };
-        let deferred = self.deferred.clone();
         let k = key.to_string();
-        let staged =
-            tokio::task::spawn_blocking(move || staging(&root, &deferred)?.stage(&k, &data))
-                .await
-                .map_err(|e| deferred::blocking_error(key, e))??;
-        if staged.flush {
+        let flush = tokio::task::spawn_blocking(move || local.put_deferred(&k, &data))
+            .await
+            .map_err(|e| deferred::blocking_error(key, e))??;
+        if flush {
             self.flush_deferred().await?;
-        }
-        if staged.duplicate {
-            return Err(BackendError::AlreadyExists {
-                key: key.to_string(),
-            });
         }
         Ok(())
     }
 
     fn blocking(&self) -> Option<Arc<dyn BlockingBackend>> {
-        let root = self.local_root.clone()?;
-        Some(Arc::new(LocalBlocking {
-            root,
-            deferred: self.deferred.clone(),
-        }))
+        self.local.clone().map(|l| l as Arc<dyn BlockingBackend>)
     }
 
     async fn flush_deferred(&self) -> Result<(), BackendError> {
-        match self.deferred.get() {
+        match self.local.as_ref().and_then(|l| l.deferred.get()) {
             Some(d) => d.flush().await,
             None => Ok(()),
         }
@@ -355,8 +345,9 @@ impl Backend for ObjectStoreBackend {
         // chunks are gone.
         // (A chunk or patch that comes back is only garbage again: no sync needed.)
         if let Some(root) = self
-            .local_root
+            .local
             .as_ref()
+            .map(|l| &l.root)
             .filter(|_| !key.starts_with("chunks/") && !key.starts_with("patches/"))
         {
             let dir = root.join(key).parent().map(FsPath::to_path_buf);
@@ -394,7 +385,7 @@ impl Backend for ObjectStoreBackend {
         &self,
         older_than: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, BackendError> {
-        let Some(root) = self.local_root.clone() else {
+        let Some(root) = self.local.as_ref().map(|l| l.root.clone()) else {
             return Ok(0);
         };
         let cutoff = std::time::SystemTime::from(older_than);

@@ -27,6 +27,18 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A put of `key` says the object is there or already on its way.
+async fn already_on_its_way(b: &dyn Backend, key: &str, data: &'static [u8]) {
+    let err = b
+        .put_deferred(key, Bytes::from_static(data))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BackendError::AlreadyExists { .. }),
+        "{key}: {err}"
+    );
+}
+
 #[test]
 fn staged_objects_appear_whole_at_the_flush() {
     rt().block_on(async {
@@ -64,12 +76,7 @@ fn staged_objects_appear_whole_at_the_flush() {
         b.put_deferred("chunks/ab/three", Bytes::from_static(b"3"))
             .await
             .unwrap();
-        assert!(matches!(
-            b.put_deferred("chunks/ab/three", Bytes::from_static(b"3"))
-                .await
-                .unwrap_err(),
-            BackendError::AlreadyExists { .. }
-        ));
+        already_on_its_way(&b, "chunks/ab/three", b"3").await;
         b.flush_deferred().await.unwrap();
         assert_eq!(&b.get("chunks/ab/one").await.unwrap()[..], b"first");
         assert_eq!(&b.get("chunks/ab/three").await.unwrap()[..], b"3");
@@ -126,12 +133,7 @@ fn a_memory_space_puts_at_once() {
             .await
             .unwrap();
         assert!(b.stat("chunks/ab/x").await.unwrap().is_some());
-        assert!(matches!(
-            b.put_deferred("chunks/ab/x", Bytes::from_static(b"y"))
-                .await
-                .unwrap_err(),
-            BackendError::AlreadyExists { .. }
-        ));
+        already_on_its_way(&b, "chunks/ab/x", b"y").await;
         assert_eq!(&b.get("chunks/ab/x").await.unwrap()[..], b"x");
         b.flush_deferred().await.unwrap();
     });
@@ -155,12 +157,7 @@ fn batches_published_in_the_background_land_by_the_flush_and_keep_their_errors()
             .unwrap();
         }
         // The first key's batch went out in the background: it is still "on its way".
-        assert!(matches!(
-            b.put_deferred("chunks/00/0", Bytes::from_static(b"0"))
-                .await
-                .unwrap_err(),
-            BackendError::AlreadyExists { .. }
-        ));
+        already_on_its_way(&b, "chunks/00/0", b"0").await;
         b.flush_deferred().await.unwrap();
         for i in 0..MANY {
             let got = b.get(&format!("chunks/{:02x}/{i}", i % 256)).await.unwrap();
