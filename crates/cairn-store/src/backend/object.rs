@@ -127,20 +127,6 @@ impl ObjectStoreBackend {
     }
 }
 
-/// This process's staging folder of the local space at `root`, made at the first use.
-fn staging<'a>(
-    root: &std::path::Path,
-    cell: &'a std::sync::OnceLock<Deferred>,
-) -> Result<&'a Deferred, BackendError> {
-    if let Some(d) = cell.get() {
-        return Ok(d);
-    }
-    let d = Deferred::open(root).map_err(|e| map_io(deferred::DEFERRED_DIR, &e))?;
-    // A concurrent first use may have won: its folder is used, this one dropped.
-    let _ = cell.set(d);
-    Ok(cell.get().expect("just set"))
-}
-
 /// The blocking calls of a local space ([`Backend::blocking`]): plain file calls on the
 /// files `LocalFileSystem` keeps at `<root>/<key>`, and the same staging folder.
 #[derive(Debug)]
@@ -153,6 +139,17 @@ struct LocalBlocking {
 impl LocalBlocking {
     fn open(&self, key: &str) -> Result<std::fs::File, BackendError> {
         std::fs::File::open(self.root.join(key)).map_err(|e| map_io(key, &e))
+    }
+
+    /// This process's staging folder, made at the first use.
+    fn staging(&self) -> Result<&Deferred, BackendError> {
+        if let Some(d) = self.deferred.get() {
+            return Ok(d);
+        }
+        let d = Deferred::open(&self.root).map_err(|e| map_io(deferred::DEFERRED_DIR, &e))?;
+        // A concurrent first use may have won: its folder is used, this one dropped.
+        let _ = self.deferred.set(d);
+        Ok(self.deferred.get().expect("just set"))
     }
 }
 
@@ -202,7 +199,7 @@ impl BlockingBackend for LocalBlocking {
     }
 
     fn put_deferred(&self, key: &str, data: &[u8]) -> Result<bool, BackendError> {
-        let staged = staging(&self.root, &self.deferred)?.stage(key, data)?;
+        let staged = self.staging()?.stage(key, data)?;
         if staged.duplicate {
             return Err(BackendError::AlreadyExists {
                 key: key.to_string(),
