@@ -19,8 +19,11 @@
 #   latency   4 KiB random writes at queue depth 1 (fio nbd engine, per-I/O latency log):
 #             LAT_IDLE_S seconds idle, then a FULL point of the running disk is taken
 #             while fio keeps writing, then (control) a first point of the same image
-#             file in another process (same work, no live snapshot). clat p50/p99 of the
-#             writes completed in each window. Target: p99 during the point <= 2x idle.
+#             file in another process (same work, no live snapshot), then LAT_AFTER_S
+#             seconds idle again (the same writer in its steady state: by then its own
+#             dirty pages are being written back). clat p50/p99 of the writes completed
+#             in each window. Target: p99 during the point <= 2x idle (the first window;
+#             the second is shown beside it).
 #   clone     a CLONE_GIB disk holding ~CLONE_DATA_GIB of data (ext4 image, mostly
 #             empty), one point of it; then (a) first 4 KiB read of a fresh clone, right
 #             after `cairn server start` (serve-nbd running, background hydration
@@ -31,7 +34,7 @@
 # Env: SIZE_GIB (16), FILL (0.45: share of the ext4 image filled with files, as in
 #      bench/run.sh), CHANGE_PCT (1), CHUNKS ("4MiB": space chunk sizes for incr and
 #      rollback, e.g. "4MiB 256KiB"; latency and clone use the first), CLONE_GIB (64),
-#      CLONE_DATA_GIB (3), LAT_IDLE_S (10), RUNS (3), PORT (10950), CAIRN (binary),
+#      CLONE_DATA_GIB (3), LAT_IDLE_S (10), LAT_AFTER_S (30), RUNS (3), PORT (10950), CAIRN (binary),
 #      BENCH_DIR (bench/work: the work dir is $BENCH_DIR/live).
 # Results: $BENCH_DIR/live/results.md (also printed); logs and JSON in $BENCH_DIR/live/.
 set -euo pipefail
@@ -47,6 +50,7 @@ CHUNKS=${CHUNKS:-4MiB}
 CLONE_GIB=${CLONE_GIB:-64}
 CLONE_DATA_GIB=${CLONE_DATA_GIB:-3}
 LAT_IDLE_S=${LAT_IDLE_S:-10}
+LAT_AFTER_S=${LAT_AFTER_S:-30}
 RUNS=${RUNS:-3}
 PORT=${PORT:-10950}
 PARTS=${*:-incr rollback latency clone}
@@ -91,7 +95,10 @@ last() { awk '{print $NF}' <<< "${R[$1]:-}"; }
 uniq_runs() { tr ' ' '\n' <<< "${R[$1]:-}" | sort -u | paste -sd/; }   # distinct values
 div() { awk -v a="$1" -v b="$2" -v f="${3:-%.3f}" 'BEGIN{ if (b == 0) print "-"; else printf f, a / b }'; }
 gib() { awk -v b="$1" 'BEGIN{printf "%.2f", b / 1073741824}'; }
-warm() { cat "$@" > /dev/null; }
+# warm FILE...: reads each file's data into the page cache, skipping its holes (SEEK_DATA):
+# a running disk's cache holds its data, not pages of zeros for never-written areas (and
+# reading the holes of two 16 GiB files would overflow this machine's RAM by itself).
+warm() { python3 "$W/bin/warm.py" "$@"; }
 warm_dir() { find "$@" -type f -exec cat {} + > /dev/null; }
 
 logf() { echo "$W/logs/${1//\//-}"; }   # KEY -> a file name under logs/
@@ -182,6 +189,22 @@ EOF
 # Two 4 KiB blocks of an image holding data (SEEK_DATA/SEEK_HOLE, then not all zeros):
 # the first one, and the first at or after 90% of the file data (far from the start).
 # Prints "FIRST FAR".
+cat > "$W/bin/warm.py" <<'EOF'
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    size, pos = os.fstat(fd).st_size, 0
+    while pos < size:
+        try: d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError: break
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        while d < h:
+            n = len(os.pread(fd, min(1 << 20, h - d), d))
+            if n == 0: break
+            d += n
+        pos = h
+    os.close(fd)
+EOF
 cat > "$W/bin/dataoff.py" <<'EOF'
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)
@@ -277,6 +300,8 @@ setup() {
     cairn disk import P web/root "$1" -q >/dev/null
     cairn server start P web >/dev/null
     sync
+    # The same page cache state in every run: nothing but what is warmed next (needs root).
+    echo 1 2>/dev/null > /proc/sys/vm/drop_caches || true
     warm P/servers/web/disks/root.raw
     start_serve
 }
@@ -353,7 +378,7 @@ part_incr_rollback() {   # CHUNK
 
 part_latency() {
     local c=${CHUNKS%% *} img=$W/images/ext4-${SIZE_GIB}G.img size=$((SIZE_GIB * GiB))
-    local a b c0 c1 t_start fio_cmd k
+    local a b c0 c1 e t_start fio_cmd k
     make_ext4 "$img" "$size" "$FILL"
     for RUN in $(seq "$RUNS"); do
         log "latency run $RUN: ${LAT_IDLE_S}s idle, a full point of the disk, then an offline point of its image (control), 4 KiB random writes qd1 throughout"
@@ -378,19 +403,21 @@ part_latency() {
         c0=$(now_ms)
         timed lat-control "$CAIRN" point create S2 "$img" --disk root -q
         c1=$(now_ms)
-        sleep 1
+        sleep "$((LAT_AFTER_S + 1))"
+        e=$(now_ms)
         kill -INT "$FIO_PID"; wait "$FIO_PID" || true; FIO_PID=""
         # Idle window: from 1 s after fio started to the point's start.
         for k in clat lat; do
-            read -r n1 i50 i99 n2 d50 d99 n3 o50 o99 < <(python3 bin/pct.py "logs/lat_$k.1.log" \
-                "$((t_start + 1000)):$a" "$a:$((b + 1))" "$c0:$((c1 + 1))")
+            read -r n1 i50 i99 n2 d50 d99 n3 o50 o99 n4 f50 f99 < <(python3 bin/pct.py "logs/lat_$k.1.log" \
+                "$((t_start + 1000)):$a" "$a:$((b + 1))" "$c0:$((c1 + 1))" "$((c1 + 1000)):$e")
             add "$k.idle.n" "$n1"; add "$k.idle.p50" "$i50"; add "$k.idle.p99" "$i99"
             add "$k.dur.n" "$n2"; add "$k.dur.p50" "$d50"; add "$k.dur.p99" "$d99"
             add "$k.ctl.n" "$n3"; add "$k.ctl.p50" "$o50"; add "$k.ctl.p99" "$o99"
+            add "$k.after.n" "$n4"; add "$k.after.p50" "$f50"; add "$k.after.p99" "$f99"
         done
-        printf '   clat p50/p99 us: idle %s/%s, during the point %s/%s, during the control %s/%s\n' \
+        printf '   clat p50/p99 us: idle %s/%s, during the point %s/%s, during the control %s/%s, idle after %s/%s\n' \
             "$(last clat.idle.p50)" "$(last clat.idle.p99)" "$(last clat.dur.p50)" "$(last clat.dur.p99)" \
-            "$(last clat.ctl.p50)" "$(last clat.ctl.p99)" >&2
+            "$(last clat.ctl.p50)" "$(last clat.ctl.p99)" "$(last clat.after.p50)" "$(last clat.after.p99)" >&2
     done
     stop_serve
     rm -rf S P S2 logs/lat_*.log
@@ -506,7 +533,7 @@ report() {
     fi
     if [[ " $PARTS " == *" latency "* ]]; then
         ratio=$(div "$(med clat.dur.p99)" "$(med clat.idle.p99)" %.2f)
-        echo "| write p99 during a full point <= 2x idle | clat p99 $(med clat.dur.p99) us vs idle $(med clat.idle.p99) us (p50 $(med clat.dur.p50) vs $(med clat.idle.p50) us) | ${ratio}x | $(verdict "$ratio" 2 "<=") |"
+        echo "| write p99 during a full point <= 2x idle | clat p99 $(med clat.dur.p99) us vs idle $(med clat.idle.p99) us (p50 $(med clat.dur.p50) vs $(med clat.idle.p50) us) | ${ratio}x (vs idle after: $(div "$(med clat.dur.p99)" "$(med clat.after.p99)" %.2f)x, $(med clat.after.p99) us) | $(verdict "$ratio" 2 "<=") |"
     fi
     if [[ " $PARTS " == *" clone "* ]]; then
         echo "| first 4 KiB read of a ${CLONE_GIB} GiB clone < 50 ms | $(med clone.read) ms request to reply; connect + handshake + read (checked against the target): $(med clone.total) ms; plain disk: $(med plain.read) / $(med plain.total) ms | | $(verdict "$(med clone.total)" 50 "<=") |"
@@ -542,6 +569,7 @@ report() {
         echo "| idle ($((LAT_IDLE_S - 1)) s) | $(med clat.idle.n) | $(med clat.idle.p50) | $(med clat.idle.p99) | $(med lat.idle.p50) | $(med lat.idle.p99) | $(runs clat.idle.p99) |"
         echo "| during the full point of the running disk ($(med lat-full.ms) ms; runs $(runs lat-full.ms)) | $(med clat.dur.n) | $(med clat.dur.p50) | $(med clat.dur.p99) | $(med lat.dur.p50) | $(med lat.dur.p99) | $(runs clat.dur.p99) |"
         echo "| control: during an offline first point of the image file, another process ($(med lat-control) ms) | $(med clat.ctl.n) | $(med clat.ctl.p50) | $(med clat.ctl.p99) | $(med lat.ctl.p50) | $(med lat.ctl.p99) | $(runs clat.ctl.p99) |"
+        echo "| idle after (${LAT_AFTER_S} s, the same writer in its steady state) | $(med clat.after.n) | $(med clat.after.p50) | $(med clat.after.p99) | $(med lat.after.p50) | $(med lat.after.p99) | $(runs clat.after.p99) |"
         echo
     fi
     if [[ " $PARTS " == *" clone "* ]]; then

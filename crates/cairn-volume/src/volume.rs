@@ -10,8 +10,9 @@
 //!   flight), the map is swapped for an empty one and the frozen map says which chunks
 //!   the point must read. Until the point has read a unit (4 KiB on disks up to 256 GiB,
 //!   see [`cow_unit`]) of those chunks, the first write to it copies the old unit to a
-//!   local buffer file (copy-before-write); the point reads units from the buffer where
-//!   saved, from the disk elsewhere. Each unit has its own state (two bits, changed by
+//!   local buffer file (copy-before-write), appended (so the file stays a few extents,
+//!   whatever the writes' spread, and its removal is cheap); the point reads units from
+//!   the buffer where saved, from the disk elsewhere. Each unit has its own state (two bits, changed by
 //!   compare-and-swap): a guest write never waits for the point's reader, only (rarely)
 //!   for another write copying the same unit.
 //! - **Clones**: see [`crate::clone`]; reads and writes of chunks not yet copied from the
@@ -179,6 +180,39 @@ impl UnitStates {
             .map_err(|word| (word & mask) >> shift)
     }
 
+    /// Moves every `KEEP` unit of `[a, b)` to `FREE`, one atomic update per word; calls
+    /// `other(g, state)` for each unit of the range that was not `KEEP` (its state then).
+    fn free_kept(&self, a: u64, b: u64, mut other: impl FnMut(u64, u64)) {
+        const LOW: u64 = 0x5555_5555_5555_5555;
+        let b = b.min(self.units);
+        let mut g = a;
+        while g < b {
+            let (w, shift) = Self::at(g);
+            let n = (PER_WORD - u64::from(shift / 2)).min(b - g);
+            let range = if n == PER_WORD {
+                u64::MAX
+            } else {
+                ((1u64 << (2 * n)) - 1) << shift
+            };
+            // A field is KEEP (0b01) where its low bit is set and its high bit is not.
+            let kept = |word: u64| word & !(word >> 1) & LOW & range;
+            let old = match self.words[w].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
+                let k = kept(word);
+                (k != 0).then_some(word & !k)
+            }) {
+                Ok(old) | Err(old) => old,
+            };
+            let k = kept(old);
+            for i in 0..n {
+                let at = shift + 2 * u32::try_from(i).expect("small");
+                if k >> at & 1 == 0 {
+                    other(g + i, old >> at & 3);
+                }
+            }
+            g += n;
+        }
+    }
+
     /// Whether any unit of `[a, b)` is in one of `states` (a bit set of states).
     fn any(&self, a: u64, b: u64, states: u8) -> bool {
         (a..b.min(self.units)).any(|g| states & (1 << self.get(g)) != 0)
@@ -283,7 +317,13 @@ pub(crate) struct Snap {
     unit: u64,
     /// Per unit: where its frozen content is, and whether the point still needs it.
     states: UnitStates,
-    buffer: File,
+    /// Saved units, appended in the order they were saved (`None` only while dropped).
+    buffer: Option<File>,
+    /// The buffer's length (where the next saved unit goes).
+    appended: AtomicU64,
+    /// Where each saved unit is in the buffer (in units), sharded by unit number. Set
+    /// before the unit is `SAVED`; about 20 bytes of memory per unit saved.
+    slots: Vec<Mutex<std::collections::HashMap<u64, u32>>>,
     /// Writers (or the reader) waiting for a unit being saved.
     waiters: AtomicUsize,
     parked: Mutex<()>,
@@ -294,7 +334,51 @@ pub(crate) struct Snap {
     base: Option<ChangeBase>,
 }
 
+/// Shards of [`Snap::slots`].
+const SLOT_SHARDS: usize = 16;
+
+impl Drop for Snap {
+    /// The buffer is closed on a thread of its own: the last close of an unlinked file
+    /// frees its blocks (with online discard, one device request per extent), which must
+    /// not hold a runtime worker or the point's answer.
+    fn drop(&mut self) {
+        if let Some(f) = self.buffer.take() {
+            let _ = std::thread::Builder::new()
+                .name("cairn-cow-drop".into())
+                .spawn(move || drop(f));
+        }
+    }
+}
+
 impl Snap {
+    fn buffer(&self) -> &File {
+        self.buffer.as_ref().expect("open until dropped")
+    }
+
+    /// Appends unit `g`'s frozen content to the buffer and records where it is.
+    fn save(&self, g: u64, data: &[u8]) -> std::io::Result<()> {
+        let at = self.appended.fetch_add(self.unit, Ordering::Relaxed);
+        self.buffer().write_all_at(data, at)?;
+        let slot = u32::try_from(at / self.unit).map_err(std::io::Error::other)?;
+        self.slots[g as usize % SLOT_SHARDS]
+            .lock()
+            .expect("poisoned")
+            .insert(g, slot);
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of saved unit `g`'s frozen content, from `skip` into it.
+    fn read_saved(&self, g: u64, skip: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let slot = self.slots[g as usize % SLOT_SHARDS]
+            .lock()
+            .expect("poisoned")
+            .get(&g)
+            .copied()
+            .ok_or_else(|| std::io::Error::other(format!("saved unit {g} not in the buffer")))?;
+        self.buffer()
+            .read_exact_at(buf, u64::from(slot) * self.unit + skip)
+    }
+
     /// The units `[first, end)` covering `[offset, offset+len)`.
     fn units(&self, offset: u64, len: u64) -> (u64, u64) {
         (offset / self.unit, (offset + len).div_ceil(self.unit))
@@ -561,7 +645,7 @@ impl Volume {
                             let copied = self
                                 .file
                                 .read_exact_at(&mut buf, start)
-                                .and_then(|()| snap.buffer.write_all_at(&buf, start));
+                                .and_then(|()| snap.save(g, &buf));
                             snap.saved(g, if copied.is_ok() { SAVED } else { KEEP });
                             copied?;
                             break;
@@ -839,13 +923,12 @@ impl Volume {
             .map_err(|e| {
                 VolumeError::io("cannot create the snapshot buffer", &self.paths.cow, e)
             })?;
-        buffer
-            .set_len(self.size)
-            .map_err(|e| VolumeError::io("cannot size the snapshot buffer", &self.paths.cow, e))?;
         *self.snap.lock().expect("poisoned") = Some(Arc::new(Snap {
             unit,
             states,
-            buffer,
+            buffer: Some(buffer),
+            appended: AtomicU64::new(0),
+            slots: (0..SLOT_SHARDS).map(|_| Mutex::default()).collect(),
             waiters: AtomicUsize::new(0),
             parked: Mutex::new(()),
             saved: Condvar::new(),
@@ -960,10 +1043,15 @@ impl ChunkSource for SnapSource {
         ));
         let (g0, g1) = self.snap.units(offset, len);
         let unit = self.snap.unit;
-        for g in g0..g1 {
+        // Every KEEP unit is taken at once (what was read is its frozen content); the
+        // others one by one.
+        let mut others = Vec::new();
+        self.snap
+            .states
+            .free_kept(g0, g1, |g, state| others.push((g, state)));
+        for (g, mut state) in others {
             let from = (g * unit).max(offset);
             let to = ((g + 1) * unit).min(offset + len);
-            let mut state = self.snap.states.get(g);
             loop {
                 match state {
                     KEEP => match self.snap.states.swap(g, KEEP, FREE) {
@@ -974,7 +1062,9 @@ impl ChunkSource for SnapSource {
                     SAVED => {
                         let part = &mut buf[usize::try_from(from - offset).expect("small")
                             ..usize::try_from(to - offset).expect("small")];
-                        self.snap.buffer.read_exact_at(part, from).map_err(err)?;
+                        self.snap
+                            .read_saved(g, from - g * unit, part)
+                            .map_err(err)?;
                         break;
                     }
                     _ => {
@@ -1010,10 +1100,8 @@ impl ChunkSource for SnapSource {
 
     fn taken(&self, start: u64, end: u64) {
         let (g0, g1) = self.snap.units(start, end - start);
-        for g in g0..g1 {
-            // Read already (FREE), saved, or being saved: nothing to do.
-            let _ = self.snap.states.swap(g, KEEP, FREE);
-        }
+        // Read already (FREE), saved, or being saved: nothing to do.
+        self.snap.states.free_kept(g0, g1, |_, _| {});
     }
 }
 
@@ -1082,6 +1170,43 @@ mod tests {
     pub(super) static SAVE_PAUSE_US: AtomicU64 = AtomicU64::new(0);
     /// The copy-before-write unit of the next snapshot (0: the disk's own).
     pub(super) static UNIT: AtomicU64 = AtomicU64::new(0);
+
+    proptest::proptest! {
+        /// Taking a range word by word against a reference, one unit at a time: KEEP
+        /// units become FREE, the others keep their state and are reported with it.
+        #[test]
+        fn free_kept_matches_one_unit_at_a_time(
+            states in proptest::collection::vec(0u64..4, 1..200),
+            a in 0u64..220,
+            len in 0u64..220,
+        ) {
+            let n = states.len() as u64;
+            let s = UnitStates::new(n);
+            for (g, &st) in states.iter().enumerate() {
+                let g = g as u64;
+                s.keep(g, g + 1);
+                if st != KEEP {
+                    s.swap(g, KEEP, if st == FREE { FREE } else { SAVING }).unwrap();
+                    if st == SAVED {
+                        s.swap(g, SAVING, SAVED).unwrap();
+                    }
+                }
+            }
+            let b = a + len;
+            let mut reported = Vec::new();
+            s.free_kept(a, b, |g, st| reported.push((g, st)));
+            let expected: Vec<_> = (a..b.min(n))
+                .filter(|&g| states[g as usize] != KEEP)
+                .map(|g| (g, states[g as usize]))
+                .collect();
+            proptest::prop_assert_eq!(reported, expected);
+            for g in 0..n {
+                let was = states[g as usize];
+                let want = if (a..b).contains(&g) && was == KEEP { FREE } else { was };
+                proptest::prop_assert_eq!(s.get(g), want, "unit {}", g);
+            }
+        }
+    }
 
     /// The change map against a reference set of written 4 KiB blocks: every written
     /// block is reported (a grain whole when the detail is past its bound), no grain is

@@ -290,3 +290,55 @@ fn a_local_spaces_blocking_calls_match_its_async_ones() {
         assert!(local.stat("chunks/ee/fail").await.unwrap().is_none());
     });
 }
+
+/// Bytes of `path` in the page cache, by util-linux `fincore`; `None` where it cannot be
+/// told (no `fincore` outside CI, or a file system whose pages cannot be dropped).
+fn resident(path: &Path) -> Option<u64> {
+    let out = match std::process::Command::new("fincore")
+        .args(["-b", "-n", "-o", "RES"])
+        .arg(path)
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        other => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "fincore (util-linux) is needed in CI: {other:?}"
+            );
+            return None;
+        }
+    };
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+/// A published whole chunk leaves the page cache but for its head (header and table, read
+/// by the next point's patches); a patch stays whole. The content is unchanged.
+#[test]
+fn published_chunks_leave_the_page_cache_but_their_head() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        // tmpfs pages are the file itself: nothing to drop there.
+        let fs = rustix::fs::statfs(dir.path()).unwrap();
+        if i64::from(fs.f_type) == 0x0102_1994 {
+            eprintln!("skipped: the temporary folder is on tmpfs");
+            return;
+        }
+        let b = ObjectStoreBackend::local(dir.path()).unwrap();
+        let big: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        b.put_deferred("chunks/ab/big", Bytes::from(big.clone()))
+            .await
+            .unwrap();
+        b.put_deferred("patches/cd/small", Bytes::from(big[..256 << 10].to_vec()))
+            .await
+            .unwrap();
+        b.flush_deferred().await.unwrap();
+        let chunk = dir.path().join("chunks/ab/big");
+        let patch = dir.path().join("patches/cd/small");
+        if let (Some(c), Some(p)) = (resident(&chunk), resident(&patch)) {
+            assert!(c <= 64 << 10, "{c} bytes of the chunk still cached");
+            assert!(c > 0, "the head of the chunk is cached again");
+            assert_eq!(p, 256 << 10, "the patch stays cached");
+        }
+        assert_eq!(&b.get("chunks/ab/big").await.unwrap()[..], &big[..]);
+    });
+}
