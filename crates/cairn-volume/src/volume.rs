@@ -355,12 +355,16 @@ impl Snap {
         self.buffer.as_ref().expect("open until dropped")
     }
 
+    fn shard(g: u64) -> usize {
+        usize::try_from(g % SLOT_SHARDS as u64).expect("small")
+    }
+
     /// Appends unit `g`'s frozen content to the buffer and records where it is.
     fn save(&self, g: u64, data: &[u8]) -> std::io::Result<()> {
         let at = self.appended.fetch_add(self.unit, Ordering::Relaxed);
         self.buffer().write_all_at(data, at)?;
         let slot = u32::try_from(at / self.unit).map_err(std::io::Error::other)?;
-        self.slots[g as usize % SLOT_SHARDS]
+        self.slots[Self::shard(g)]
             .lock()
             .expect("poisoned")
             .insert(g, slot);
@@ -369,7 +373,7 @@ impl Snap {
 
     /// Reads `buf.len()` bytes of saved unit `g`'s frozen content, from `skip` into it.
     fn read_saved(&self, g: u64, skip: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let slot = self.slots[g as usize % SLOT_SHARDS]
+        let slot = self.slots[Self::shard(g)]
             .lock()
             .expect("poisoned")
             .get(&g)
