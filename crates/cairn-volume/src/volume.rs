@@ -322,7 +322,7 @@ pub(crate) struct Snap {
     /// The buffer's length (where the next saved unit goes).
     appended: AtomicU64,
     /// Where each saved unit is in the buffer (in units), sharded by unit number. Set
-    /// before the unit is `SAVED`; about 20 bytes of memory per unit saved.
+    /// before the unit is `SAVED`; 20–40 bytes of memory per unit saved (hash map entry).
     slots: Vec<Mutex<std::collections::HashMap<u64, u32>>>,
     /// Writers (or the reader) waiting for a unit being saved.
     waiters: AtomicUsize,
