@@ -10,8 +10,8 @@
 //!   flight), the map is swapped for an empty one and the frozen map says which chunks
 //!   the point must read. Until the point has read a unit (4 KiB on disks up to 256 GiB,
 //!   see [`cow_unit`]) of those chunks, the first write to it copies the old unit to a
-//!   local buffer file (copy-before-write), appended (so the file stays a few extents,
-//!   whatever the writes' spread, and its removal is cheap); the point reads units from
+//!   local buffer file (copy-before-write), appended (its blocks allocated in save order,
+//!   not one extent per scattered unit, so its removal is cheap); the point reads units from
 //!   the buffer where saved, from the disk elsewhere. Each unit has its own state (two bits, changed by
 //!   compare-and-swap): a guest write never waits for the point's reader, only (rarely)
 //!   for another write copying the same unit.
