@@ -242,6 +242,7 @@ struct Writer {
     /// read, checked, compressed and staged in one job, on one thread.
     blocking: Option<Arc<dyn BlockingBackend>>,
     codecs: Arc<CodecPool>,
+    /// Bounds the jobs on tokio's blocking pool (the nice threads bound their own).
     cpu: tokio::sync::Semaphore,
     pool: Arc<BufferPool>,
     /// Chunks known to be in the space: the parent's, and those handled so far.
@@ -340,10 +341,14 @@ impl Writer {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, SpaceError> {
-        let _permit = self.cpu.acquire().await.expect("semaphore open");
         match &self.nice {
+            // The threads are the bound: a job waits in their queue, so a thread that
+            // ends one takes the next at once (no round trip through the runtime).
             Some(threads) => threads.run(f).await,
-            None => Ok(tokio::task::spawn_blocking(f).await?),
+            None => {
+                let _permit = self.cpu.acquire().await.expect("semaphore open");
+                Ok(tokio::task::spawn_blocking(f).await?)
+            }
         }
     }
 
